@@ -1,0 +1,161 @@
+r"""Interaction model configs: `get_config("VARIANT[,MODIFIER...]")`.
+
+Variants
+  tiny       CPU, ~20 M parameters (8 experts, top-2), trains in minutes on 2 cores.
+             python -m tml_jax.params --config=configs/interaction.py:tiny
+             python -m tml_jax.demo --config=configs/interaction.py:tiny --out=out/demo
+  small      one GPU, ~1.9 B total / ~0.56 B active parameters.
+             python -m tml_jax.params --config=configs/interaction.py:small
+  tml_small  the reference system's scale: 276 B total / 12 B active. Never materialised;
+             checked by parameter counting under `jax.eval_shape`.
+             python -m tml_jax.params --config=configs/interaction.py:tml_small
+             # expected: total_params within 2 % of 276e9, active_params within 5 % of 12e9
+
+Modifiers (comma-separated after the variant)
+  smoke      shrink corpus and run to a couple of minutes end to end (CI and scripts).
+  dense      replace the MoE FFN by a dense SwiGLU FFN of the same active width.
+
+Any field can be overridden on the command line: `--config.model.num_experts=16`.
+"""
+
+import ml_collections as mlc
+
+# Logical parameter/activation axis -> mesh axis. One table for the whole model (STYLE.md).
+SHARDING_RULES = (
+    ("batch", ("data", "fsdp", "expert")),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("expert", "expert"),
+    ("expert_mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("mel", None),
+    ("dmel_channel", None),
+    ("dmel_bin", None),
+    ("patch", None),
+    ("norm", None),
+    ("length", None),
+)
+
+
+def parse_arg(arg: str) -> tuple[str, set[str]]:
+  parts = [p.strip() for p in (arg or "tiny").split(",") if p.strip()]
+  return parts[0], set(parts[1:])
+
+
+def _layout(**overrides) -> mlc.ConfigDict:
+  c = mlc.ConfigDict()
+  c.chunk_ms = 200
+  c.sample_rate = 16000
+  c.hop = 400               # dMel hop: 40 Hz frames, 8 per 200 ms chunk
+  c.window = 25             # attention window in chunks (None = unbounded)
+  c.video_size = (80, 80)   # frame size fed to the model (multiple of 40)
+  c.video_slots = 4         # (80/40)**2 patches
+  c.text_in_slots = 8
+  c.model_text_slots = 12
+  c.model_audio_slots = 8   # 8 queries, one mel frame each (1 -> one query, 8 frames)
+  c.prefix_slots = 0
+  c.num_chunks = 40         # training rows: 8 s of conversation
+  c.update(overrides)
+  return c
+
+
+def _model(**overrides) -> mlc.ConfigDict:
+  c = mlc.ConfigDict()
+  c.d_model = 256
+  c.num_layers = 4
+  c.num_heads = 4
+  c.num_kv_heads = 2
+  c.head_dim = 64
+  c.ffn = "moe"             # "moe" | "dense"
+  c.dense_hidden = 1024
+  c.num_experts = 8
+  c.top_k = 2
+  c.expert_hidden = 768
+  c.shared_expert_hidden = 0  # 0: no shared expert
+  c.moe_impl = "ragged"     # "einsum" (capacity) | "ragged" (lax.ragged_dot) | "pallas"
+  c.capacity_factor = 1.25
+  c.vocab_size = 272        # bytes + 16 control tokens (tml_jax.text.tokenizer)
+  c.n_mels = 80
+  c.dmel_bins = 16
+  c.patch_size = 40
+  c.flow_hidden = 256
+  c.flow_layers = 3
+  c.flow_steps = 8          # Euler steps when sampling audio
+  c.attention_backend = "reference"  # "reference" (dense mask) | "pallas"
+  c.dtype = "float32"       # compute dtype: "float32" | "bfloat16"
+  c.param_dtype = "float32"
+  c.rope_theta = 10_000.0
+  c.norm_eps = 1e-6
+  c.update(overrides)
+  return c
+
+
+def get_config(arg: str = "tiny") -> mlc.ConfigDict:
+  variant, mods = parse_arg(arg)
+  config = mlc.ConfigDict()
+  config.variant = variant
+  config.seed = 0
+  config.layout = _layout()
+  config.model = _model()
+  config.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+  config.sharding_rules = SHARDING_RULES
+
+  config.train = mlc.ConfigDict(dict(
+      batch_size=8, num_steps=1500, lr=3e-3, warmup_steps=100, min_lr_ratio=0.1,
+      weight_decay=0.05, clip_norm=1.0, b2=0.98,
+      log_every=25, eval_every=250, eval_batches=4, checkpoint_every=250, keep_checkpoints=3,
+      time_budget_s=20 * 60.0,
+      loss_weights=mlc.ConfigDict(dict(text=1.0, audio=1.0, balance=0.01, z=1e-3,
+                                       background=1.0)),
+  ))
+  config.data = mlc.ConfigDict(dict(
+      dir="", num_train=600, num_validation=40, num_test=40, conversation_s=24.0, seed=0,
+      workers=0,
+  ))
+
+  if variant == "tiny":
+    pass
+  elif variant == "small":
+    config.layout.window = 50
+    config.layout.num_chunks = 100
+    config.layout.video_size = (160, 160)
+    config.layout.video_slots = 16
+    config.model.update(dict(
+        d_model=1536, num_layers=16, num_heads=12, num_kv_heads=4, head_dim=128,
+        num_experts=8, top_k=2, expert_hidden=3072, flow_hidden=1024, dtype="bfloat16",
+        attention_backend="pallas", moe_impl="ragged"))
+    config.train.update(dict(batch_size=16, lr=3e-4, num_steps=50_000, warmup_steps=1000,
+                             time_budget_s=0.0))
+  elif variant == "tml_small":
+    config.layout.window = 50
+    config.layout.num_chunks = 100
+    config.layout.video_size = (320, 320)
+    config.layout.video_slots = 64
+    config.model.update(dict(
+        d_model=5120, num_layers=48, num_heads=40, num_kv_heads=8, head_dim=128,
+        num_experts=128, top_k=4, expert_hidden=2880, shared_expert_hidden=512,
+        flow_hidden=2048, dtype="bfloat16", param_dtype="bfloat16",
+        attention_backend="pallas", moe_impl="pallas"))
+    config.mesh = mlc.ConfigDict(dict(data=-1, fsdp=16, expert=16, tensor=4))
+    config.train.update(dict(batch_size=256, lr=1.5e-4, num_steps=200_000, warmup_steps=2000,
+                             time_budget_s=0.0))
+  else:
+    raise ValueError(f"unknown variant {variant!r} in config arg {arg!r}: "
+                     "use one of tiny, small, tml_small (e.g. configs/interaction.py:tiny)")
+
+  for mod in sorted(mods):
+    if mod == "smoke":
+      config.layout.num_chunks = 20
+      config.data.update(dict(num_train=24, num_validation=4, num_test=4, conversation_s=12.0))
+      config.train.update(dict(num_steps=30, batch_size=4, log_every=5, eval_every=15,
+                               eval_batches=1, checkpoint_every=10, warmup_steps=5,
+                               time_budget_s=0.0))
+    elif mod == "dense":
+      config.model.ffn = "dense"
+      config.model.dense_hidden = config.model.top_k * config.model.expert_hidden
+    else:
+      raise ValueError(f"unknown config modifier {mod!r} in {arg!r}: known are smoke, dense")
+  return config

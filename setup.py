@@ -1,0 +1,33 @@
+"""tml_jax: interaction models in JAX. Install with `pip install -e ".[dev]"`."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="tml_jax",
+    version="0.1.0",
+    description="Full-duplex multimodal MoE interaction models in JAX/Flax.",
+    python_requires=">=3.12",
+    packages=find_packages(include=["tml_jax", "tml_jax.*", "kernels_pallas", "configs"]),
+    install_requires=[
+        "jax>=0.11,<0.13",
+        "flax>=0.12.8",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "tensorflow-datasets>=4.9.8",
+        # clu's metric writers and periodic actions import TensorFlow (DESIGN §2).
+        "tensorflow-cpu>=2.19",
+        "tensorboard>=2.19",
+        "array-record>=0.7",
+        "ml-collections>=1.0",
+        "clu>=0.0.12",
+        "espeakng-loader>=0.2.4",
+        "numpy>=2.0",
+        "scipy>=1.13",
+        "matplotlib>=3.8",
+        "jaxtyping>=0.2.36",
+        "absl-py",
+        "tqdm",
+    ],
+    extras_require={"dev": ["pytest>=8", "pytest-xdist>=3.5"]},
+)

@@ -1,0 +1,1 @@
+from tml_jax.text.tokenizer import ByteTokenizer  # noqa: F401
