@@ -1,0 +1,6 @@
+"""Audio: dMel tokens (the model's audio input and flow-matching targets), I/O, a vocoder."""
+
+from tml_jax.audio.dmel import (FRAMES_PER_CHUNK, HOP, N_MELS, NUM_BINS, SAMPLE_RATE, DMelStream,
+                                decode, encode, encode_chunks, log_mel, log_mel_chunks)
+from tml_jax.audio.io import check_wav, load_wav, save_wav
+from tml_jax.audio.vocoder import spectral_distance, vocode
