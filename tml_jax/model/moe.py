@@ -106,29 +106,35 @@ def capacity(tokens_per_row: int, cfg: MoEConfig) -> int:
 
 
 def einsum_dispatch(x_BLD, weights_BLk, ids_BLk, valid_BL, experts_fn, cfg: MoEConfig):
-  """GShard dispatch with one group per batch row; overflow beyond capacity is dropped.
+  """GShard-style capacity dispatch with one group per batch row; overflow is dropped.
 
   Priority inside an expert: first choices of all tokens, then second choices, ... (so a
-  token's top-1 is kept before anyone's top-2), token order within a choice level.
+  token's top-1 is kept before anyone's top-2), token order within a choice level. The
+  expert FFN runs as one einsum over a dense [E, B*C, D] buffer. Tokens move in and out of
+  the buffer by index (scatter/gather), not by GShard's one-hot [B, L, E, C] einsum: same
+  result, but O(B*L*k*D) instead of O(B*L*E*C*D) work, which dominates on a CPU.
+  Note: with capacity, whether a token is dropped depends on later tokens of its row.
   """
   B, L, D = x_BLD.shape
   E, k = cfg.num_experts, cfg.top_k
   C = capacity(L, cfg)
   onehot_BkLE = jnp.swapaxes(jax.nn.one_hot(ids_BLk, E, dtype=jnp.int32), 1, 2)
   onehot_BkLE = onehot_BkLE * valid_BL[:, None, :, None].astype(jnp.int32)
-  flat = onehot_BkLE.reshape(B, k * L, E)
-  position_BkLE = (jnp.cumsum(flat, axis=1) - 1).reshape(B, k, L, E)
-  keep_BkLE = (onehot_BkLE > 0) & (position_BkLE < C)
-  dispatch_BLEC = jnp.sum(
-      jax.nn.one_hot(jnp.where(keep_BkLE, position_BkLE, -1), C, dtype=x_BLD.dtype), axis=1)
-  gate_BkLE = keep_BkLE * jnp.swapaxes(weights_BLk, 1, 2)[..., None]
-  combine_BLEC = jnp.einsum("bkle,bklec->blec", gate_BkLE.astype(jnp.float32),
-                            jax.nn.one_hot(position_BkLE, C, dtype=jnp.float32))
-  xin_EBCD = jnp.einsum("blec,bld->ebcd", dispatch_BLEC, x_BLD)
-  y_EBCD = experts_fn(xin_EBCD.reshape(E, B * C, D)).reshape(E, B, C, D)
-  y = jnp.einsum("blec,ebcd->bld", combine_BLEC.astype(y_EBCD.dtype), y_EBCD)
-  dropped = jnp.sum(onehot_BkLE) - jnp.sum(keep_BkLE)
-  return y, dropped
+  position_BkLE = (jnp.cumsum(onehot_BkLE.reshape(B, k * L, E), axis=1) - 1).reshape(B, k, L, E)
+  position_BLk = jnp.swapaxes(jnp.sum(position_BkLE * onehot_BkLE, axis=-1), 1, 2)
+  keep_BLk = (position_BLk < C) & valid_BL[..., None]
+  # Flat slot in the [E, B, C] buffer; dropped assignments go to a scratch row at the end.
+  b_idx = jnp.arange(B, dtype=jnp.int32)[:, None, None]
+  slot_BLk = jnp.where(keep_BLk, (ids_BLk * B + b_idx) * C + position_BLk, E * B * C)
+  x_BLkD = jnp.broadcast_to(x_BLD[:, :, None, :], (B, L, k, D))
+  buf = jnp.zeros((E * B * C + 1, D), x_BLD.dtype).at[slot_BLk.reshape(-1)].set(
+      x_BLkD.reshape(-1, D), mode="drop")
+  y_ND = experts_fn(buf[:-1].reshape(E, B * C, D)).reshape(E * B * C, D)
+  y_ND = jnp.concatenate([y_ND, jnp.zeros((1, D), y_ND.dtype)], axis=0)
+  gate_BLk = (weights_BLk * keep_BLk).astype(jnp.float32)
+  y = jnp.einsum("blkd,blk->bld", y_ND[slot_BLk].astype(jnp.float32), gate_BLk)
+  dropped = jnp.sum(onehot_BkLE) - jnp.sum(keep_BLk)
+  return y.astype(x_BLD.dtype), dropped
 
 
 class MoE(nnx.Module):

@@ -1,0 +1,154 @@
+"""grain pipeline: tml_duplex records -> micro-turn training batches (DESIGN §4).
+
+A record is one whole conversation with cached dMel features (tml_duplex module docstring).
+`MicroTurnExample` turns it into per-chunk streams for the model's input contract
+(tml_jax.model.transformer docstring) and crops a random window of `layout.num_chunks`
+chunks; shorter conversations are padded with invalid chunks. Text streams are FIFO queues:
+what arrives in chunk k enters the first free slots from chunk k on, so a long answer spills
+over several chunks instead of being cut.
+
+The model's outputs of chunk t are the text and audio of chunk t+1 (played then). So the
+text targets of chunk t are the model's words that start in chunk t+1 (and the DELEGATE
+token of a delegation that happens then), followed by EOT; the audio target of chunk t is
+the model channel's log-mel of chunk t+1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import grain
+import numpy as np
+
+from tml_jax.layout import ChunkLayout, Segment, TokenMeta
+from tml_jax.text import tokenizer as tok
+from tml_jax.vision import patches as patch_lib
+from tml_jax.vision import synthetic
+
+
+def _fifo(items_per_chunk: list[list[int]], slots: int, reserve_eot: bool) -> np.ndarray:
+  """Lay token lists arriving per chunk into `slots` per chunk, first come first served."""
+  out = np.full((len(items_per_chunk), slots), tok.PAD, np.int32)
+  queue: list[int] = []
+  room = slots - 1 if reserve_eot else slots
+  for c, items in enumerate(items_per_chunk):
+    queue.extend(items)
+    take, queue = queue[:room], queue[room:]
+    out[c, :len(take)] = take
+    if reserve_eot:
+      out[c, len(take)] = tok.EOT
+  return out
+
+
+def _text(x) -> str:
+  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+class MicroTurnExample(grain.transforms.RandomMap):
+  """One record -> one example of `num_chunks` chunks (numpy, unbatched)."""
+
+  def __init__(self, layout: ChunkLayout, num_chunks: int, *, chunk_ms: int = 200,
+               video_size=(80, 80), patch: int = 40, random_crop: bool = True):
+    self.layout, self.num_chunks, self.chunk_s = layout, num_chunks, chunk_ms / 1000
+    self.video_size, self.patch, self.random_crop = tuple(video_size), patch, random_crop
+    self.frames = layout.user_audio
+
+  def streams(self, record) -> dict:
+    """Every per-chunk stream of the whole conversation (before cropping)."""
+    lay, F = self.layout, self.frames
+    total = int(record["user_dmel"].shape[0]) // F
+    if total == 0:
+      raise ValueError(f"record {_text(record['id'])} is shorter than one chunk")
+    chunk_of = lambda t: min(max(int(math.floor(t / self.chunk_s + 1e-9)), 0), total - 1)
+    per_chunk = lambda x: np.asarray(x[:total * F]).reshape(total, F, -1)
+    out = dict(user_dmel=per_chunk(record["user_dmel"]).astype(np.int32),
+               self_dmel=per_chunk(record["self_dmel"]).astype(np.int32))
+
+    # Text the model must say: its words by start time, DELEGATE at each delegation.
+    said = [[] for _ in range(total)]
+    for text, start, speaker in zip(record["word_text"], record["word_start_s"],
+                                    record["word_speaker"]):
+      if _text(speaker) == "model":
+        said[chunk_of(float(start))].append((float(start), tok.ByteTokenizer().encode(
+            _text(text) + " ")))
+    for e in json.loads(_text(record["events_json"])):
+      if e["kind"] == "delegation":
+        said[chunk_of(e["start_s"])].append((float(e["start_s"]), [tok.DELEGATE]))
+    said = [[t for _, ids in sorted(items, key=lambda x: x[0]) for t in ids] for items in said]
+    # Chunk t predicts chunk t+1; the last chunk's target would lie outside the recording.
+    target = _fifo(said[1:] + [[]], lay.model_text, reserve_eot=True)
+    out["model_text_target"] = target
+    out["model_text_in"] = np.concatenate(
+        [np.full((total, 1), tok.BOS, np.int32), target[:, :-1]], axis=1)
+
+    arriving = [[] for _ in range(total)]
+    for t, text in zip(record["text_in_s"], record["text_in_text"]):
+      arriving[chunk_of(float(t))].extend([tok.RESULT] + tok.ByteTokenizer().encode(
+          _text(text)))
+    out["text_in"] = _fifo(arriving, lay.text_in, reserve_eot=False)
+
+    mel = per_chunk(record["model_mel"]).astype(np.float32)  # [total, F, 80]
+    A = lay.model_audio
+    nxt = np.concatenate([mel[1:], np.full_like(mel[:1], -7.0)], axis=0)
+    out["audio_target"] = nxt.reshape(total, A, (F // A) * mel.shape[-1])
+    out["audio_mask"] = np.arange(total) < total - 1
+
+    events = json.loads(_text(record["video_events_json"]))
+    if lay.video:
+      if events:
+        seed = int(json.loads(_text(record["meta_json"])).get("video_seed", 0))
+        frames, _ = synthetic.make_video(total, self.video_size, events, seed)
+        out["video"] = np.stack([patch_lib.patchify(f, self.patch) for f in frames])
+      else:
+        out["video"] = np.zeros((total, lay.video, self.patch * self.patch * 3), np.uint8)
+      out["has_video"] = np.full((total,), bool(events))
+    return out
+
+  def random_map(self, record, rng: np.random.Generator) -> dict:
+    s = self.streams(record)
+    total, C, lay = len(s["text_in"]), self.num_chunks, self.layout
+    start = int(rng.integers(0, total - C + 1)) if (self.random_crop and total > C) else 0
+    n = min(C, total - start)
+    ex = {}
+    for k, v in s.items():
+      part = v[start:start + n]
+      pad = np.zeros((C - n, *part.shape[1:]), part.dtype)
+      if k in ("model_text_in", "model_text_target", "text_in"):
+        pad[...] = tok.PAD
+      ex[k] = np.concatenate([part, pad], axis=0)
+    valid_BC = (np.arange(C) < n)[None]
+    valid_BL = None
+    if lay.video:
+      seg = lay.meta(C).segment[0]
+      chunk_valid = np.repeat(ex.pop("has_video"), lay.chunk_len)
+      video_tok = np.concatenate([np.zeros(lay.prefix, bool), seg[lay.prefix:] == Segment.VIDEO])
+      valid_BL = (~video_tok | np.concatenate([np.zeros(lay.prefix, bool), chunk_valid]))[None]
+    meta = lay.meta(C, batch=1, valid_BC=valid_BC, valid_BL=valid_BL)
+    ex["meta"] = TokenMeta(*(f[0] for f in meta))
+    ex["audio_mask"] = ex["audio_mask"] & valid_BC[0]
+    return ex
+
+
+def make_loader(source, config, *, split: str, seed: int, batch_size: int | None = None,
+                num_epochs: int | None = None, shuffle: bool = True, random_crop: bool = True,
+                worker_count: int = 0) -> grain.DataLoader:
+  """A deterministic, checkpointable grain loader, sharded by JAX process.
+
+  The per-process batch is the global batch divided by the number of processes.
+  """
+  import jax
+  batch_size = batch_size or config.train.batch_size
+  if batch_size % jax.process_count():
+    raise ValueError(f"config.train.batch_size={batch_size} is not divisible by the "
+                     f"{jax.process_count()} processes; use a multiple")
+  layout = ChunkLayout.from_config(config.layout)
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source), shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
+      shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+  ops = [MicroTurnExample(layout, config.layout.num_chunks, chunk_ms=config.layout.chunk_ms,
+                          video_size=config.layout.video_size, patch=config.model.patch_size,
+                          random_crop=random_crop),
+         grain.transforms.Batch(batch_size // jax.process_count(), drop_remainder=True)]
+  return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
+                          worker_count=worker_count)

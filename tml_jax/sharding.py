@@ -1,0 +1,58 @@
+"""The mesh and the one place where logical axis names become mesh axes (DESIGN §7)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from tml_jax.config import mesh_shape
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")
+
+
+def make_mesh(config, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(config.mesh, len(devices))
+  arr = np.asarray(devices).reshape(tuple(shape[a] for a in MESH_AXES))
+  return Mesh(arr, MESH_AXES)
+
+
+def logical_to_spec(axes, rules, shape=None, mesh: Mesh | None = None) -> P:
+  """Map logical names to mesh axes; a dimension the mesh axes do not divide is replicated
+  (e.g. a 272-entry vocabulary over 8 tensor shards) instead of failing to compile."""
+  table = dict(rules)
+  out, used = [], set()
+  for i, name in enumerate(axes):
+    target = table.get(name) if name is not None else None
+    targets = (target,) if isinstance(target, str) else tuple(target or ())
+    targets = tuple(t for t in targets if t not in used)
+    if mesh is not None and shape is not None:
+      size = int(np.prod([mesh.shape[t] for t in targets])) if targets else 1
+      if shape[i] % size:
+        targets = ()
+    used.update(targets)
+    out.append(None if not targets else targets[0] if len(targets) == 1 else targets)
+  return P(*out)
+
+
+def state_shardings(state: nnx.State, rules, mesh: Mesh):
+  """NamedSharding for every leaf of an nnx state (params carry `logical_axes`)."""
+  def one(x):
+    if isinstance(x, nnx.Variable):
+      axes = x.get_metadata().get("logical_axes")
+      value = x.get_value()
+      spec = logical_to_spec(axes, rules, value.shape, mesh) if axes else P()
+      return x.replace(NamedSharding(mesh, spec))
+    return NamedSharding(mesh, P())
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
