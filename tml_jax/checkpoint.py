@@ -48,8 +48,10 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state),
             data=grain.checkpoint.CheckpointRestore(data_iter)))
       except Exception as e:  # orbax raises many types for damaged files; all mean "unusable"
-        failed.append((step, f"{type(e).__name__}: {str(e)[:200]}"))
-        continue
+        restored = self._restore_state_only(step, abstract_state, e)
+        if restored is None:
+          failed.append((step, f"{type(e).__name__}: {str(e)[:200]}"))
+          continue
       if failed:
         self._quarantine([s for s, _ in failed])
         logging.warning(
@@ -66,15 +68,33 @@ class Checkpointer:
             f" The damaged ones are kept in {self.corrupt_dir}.", flush=True)
     return None, None
 
+  def _restore_state_only(self, step, abstract_state, error):
+    """The model state alone, when only the data iterator's state cannot be restored (e.g. a
+    checkpoint written by 2 processes read by 1: grain keeps one state per process)."""
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))
+    except Exception:
+      return None
+    print(f"WARNING: step {step}: the model state restored but the data iterator state did "
+          f"not ({type(error).__name__}: {str(error)[:160]}); the data stream restarts from "
+          "its seed.", flush=True)
+    return restored
+
   def _quarantine(self, steps):
-    os.makedirs(self.corrupt_dir, exist_ok=True)
-    for s in steps:
-      src = os.path.join(self.dir, str(s))
-      if os.path.exists(src):
-        dst = os.path.join(self.corrupt_dir, str(s))
-        if os.path.exists(dst):
-          shutil.rmtree(dst)
-        shutil.move(src, dst)
+    import jax
+    if jax.process_index() == 0:
+      os.makedirs(self.corrupt_dir, exist_ok=True)
+      for s in steps:
+        src = os.path.join(self.dir, str(s))
+        if os.path.exists(src):
+          dst = os.path.join(self.corrupt_dir, str(s))
+          if os.path.exists(dst):
+            shutil.rmtree(dst)
+          shutil.move(src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("tml_jax checkpoint quarantine")
     self.manager.reload()
 
   def close(self):

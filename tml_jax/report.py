@@ -74,7 +74,8 @@ def decoded_samples(setup, state, make_val, max_lines: int = 24) -> list[str]:
   from tml_jax.trainer import to_global
   model = setup.model(state["params"])
   out = jax.jit(lambda b: model(b).text_logits)(to_global(batch, setup.batch_sharding))
-  pred = np.asarray(jnp.argmax(out, -1))[0]
+  # The first local example lives on this process's first shard (batch is sharded by process).
+  pred = np.asarray(jnp.argmax(out.addressable_data(0), -1))[0]
   target = np.asarray(batch["model_text_target"])[0]
   chunk_s = setup.config.layout.chunk_ms / 1000
   t = tok.ByteTokenizer()
@@ -95,10 +96,13 @@ def write_report(setup, state, make_val, workdir: str) -> dict:
   val = evaluate(setup, state, make_val, tc.eval_batches)
   base = baselines(make_val, tc.eval_batches, setup.cfg.layout.model_text)
   rows = _read_metrics(workdir)
-  png = plot_curves(rows, os.path.join(workdir, "loss_curves.png")) if rows else None
+  png = (plot_curves(rows, os.path.join(workdir, "loss_curves.png"))
+         if rows and jax.process_index() == 0 else None)
   samples = decoded_samples(setup, state, make_val)
   first = next((r for r in rows if "text" in r), {})
   report = dict(validation=val, baselines=base, first_logged=first, samples=samples)
+  if jax.process_index() != 0:
+    return dict(report=report)
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(report, f, indent=1)
   md = [f"# Training report ({setup.config.variant})", "",

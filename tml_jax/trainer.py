@@ -32,15 +32,18 @@ from tml_jax.losses import compute_losses, sampled_audio_l1
 from tml_jax.model.transformer import InteractionModel, ModelConfig, count_params
 
 def maybe_initialize_distributed():
+  """Explicit coordinator from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
+  (launch/local.sh), or jax's own cluster detection (Slurm, TPU pod slices) when
+  TML_JAX_DISTRIBUTED=auto or Slurm runs several tasks."""
   env = os.environ
-  if "JAX_COORDINATOR_ADDRESS" in env or "TPU_WORKER_HOSTNAMES" in env or \
-      "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-    kw = {}
-    if "JAX_COORDINATOR_ADDRESS" in env:
-      kw = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-                num_processes=int(env["JAX_NUM_PROCESSES"]),
-                process_id=int(env["JAX_PROCESS_ID"]))
-    jax.distributed.initialize(**kw)
+  if jax.distributed.is_initialized():
+    return
+  if "JAX_COORDINATOR_ADDRESS" in env:
+    jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=int(env["JAX_NUM_PROCESSES"]),
+                               process_id=int(env["JAX_PROCESS_ID"]))
+  elif env.get("TML_JAX_DISTRIBUTED") == "auto" or int(env.get("SLURM_NTASKS", "1")) > 1:
+    jax.distributed.initialize()
 
 
 # ----------------------------------------------------------------------------- state
@@ -289,9 +292,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if status == "time_budget":
     print(f"time budget of {budget:.0f}s reached at step {step}; saved.", flush=True)
   result = dict(status=status, step=step, workdir=workdir, data_dir=data_dir)
-  if jax.process_index() == 0:
-    from tml_jax import report
-    result.update(report.write_report(setup, state, make_val, workdir))
+  from tml_jax import report
+  # Every process takes part (evaluation is one program over all devices); process 0 writes.
+  result.update(report.write_report(setup, state, make_val, workdir))
   return result
 
 

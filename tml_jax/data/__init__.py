@@ -1,0 +1,1 @@
+"""Synthetic full-duplex conversation corpus (DESIGN §6)."""
