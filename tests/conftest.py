@@ -17,3 +17,20 @@ def rng(request):
   seed = int(np.random.SeedSequence().entropy % (2**31))
   print(f"\n[{request.node.name}] seed={seed}")
   return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="session")
+def smoke_corpus(tmp_path_factory):
+  """A few short conversations built once per test process; returns (data_dir, overrides)
+  that point a `tiny,smoke` config at it."""
+  from configs.interaction import get_config
+  from tml_jax.data import tml_duplex
+  data_dir = str(tmp_path_factory.mktemp("corpus"))
+  config = get_config("tiny,smoke")
+  config.data.update(dict(dir=data_dir, num_train=8, num_validation=2, num_test=2,
+                          conversation_s=6.0, workers=1))
+  tml_duplex.build(data_dir, config.data, workers=1)
+  overrides = [f"--config.data.dir={data_dir}", "--config.data.num_train=8",
+               "--config.data.num_validation=2", "--config.data.num_test=2",
+               "--config.data.conversation_s=6.0"]
+  return config, overrides

@@ -100,16 +100,30 @@ class Setup:
     self.batch_sharding = shd.batch_sharding(mesh)
     tc = config.train
     self.weights = {k: float(v) for k, v in tc.loss_weights.items()}
-    self.init = jax.jit(self._init, out_shardings=self.state_sharding)
-    self.train_step = jax.jit(functools.partial(train_step, setup=self),
+    self._init_jit = jax.jit(self._init, out_shardings=self.state_sharding)
+    self._train_step_jit = jax.jit(functools.partial(train_step, setup=self),
                               in_shardings=(self.state_sharding, self.batch_sharding,
                                             shd.replicated(mesh)),
                               out_shardings=(self.state_sharding, shd.replicated(mesh)),
                               donate_argnums=(0,))
-    self.eval_step = jax.jit(functools.partial(eval_step, setup=self),
+    self._eval_step_jit = jax.jit(functools.partial(eval_step, setup=self),
                              in_shardings=(self.state_sharding, self.batch_sharding,
                                            shd.replicated(mesh)),
                              out_shardings=shd.replicated(mesh))
+
+  # The jitted steps trace under the run's mesh, so layers can see it (the MoE dispatches
+  # tokens by all-to-all when the mesh has an 'expert' axis > 1).
+  def init(self):
+    with jax.set_mesh(self.mesh):
+      return self._init_jit()
+
+  def train_step(self, state, batch, rng):
+    with jax.set_mesh(self.mesh):
+      return self._train_step_jit(state, batch, rng)
+
+  def eval_step(self, state, batch, rng):
+    with jax.set_mesh(self.mesh):
+      return self._eval_step_jit(state, batch, rng)
 
   def _init(self):
     model = InteractionModel(self.cfg, rngs=nnx.Rngs(self.config.seed))
@@ -129,7 +143,7 @@ def train_step(state, batch, rng, *, setup: Setup):
 
   def loss_fn(params):
     loss, metrics = compute_losses(setup.model(params), batch, rng, setup.weights)
-    if tc.get("inject_nan_step", -1) >= 0:  # test hook: poison one step's loss
+    if tc.inject_nan_step >= 0:  # test hook: poison one step's loss
       loss = loss * jnp.where(state["step"] == tc.inject_nan_step, jnp.nan, 1.0)
     return loss, metrics
 
@@ -221,6 +235,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   maybe_initialize_distributed()
   validate(config, num_devices=jax.device_count())
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:  # what the engine and evaluation load the model with
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=1))
   tc = config.train
   mesh = shd.make_mesh(config)
   setup = Setup(config, mesh)
@@ -292,9 +309,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if status == "time_budget":
     print(f"time budget of {budget:.0f}s reached at step {step}; saved.", flush=True)
   result = dict(status=status, step=step, workdir=workdir, data_dir=data_dir)
-  from tml_jax import report
-  # Every process takes part (evaluation is one program over all devices); process 0 writes.
-  result.update(report.write_report(setup, state, make_val, workdir))
+  if tc.final_report:
+    from tml_jax import report
+    # Every process takes part (evaluation is one program over all devices); process 0 writes.
+    result.update(report.write_report(setup, state, make_val, workdir))
   return result
 
 

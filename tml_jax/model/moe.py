@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels_pallas import routing
+from tml_jax.model import moe_parallel
 from tml_jax.model.layers import DTYPES, fan_in_init, param
 
 
@@ -181,10 +182,16 @@ class MoE(nnx.Module):
       aux["dropped_fraction"] = dropped / jnp.maximum(jnp.sum(valid_T) * cfg.top_k, 1)
     else:
       ids_Tk = ids_BLk.reshape(B * L, -1)
-      order_A, sizes_E, inverse_A = routing.sort_by_expert(ids_Tk, cfg.num_experts)
-      x_AD = routing.permute(x.reshape(B * L, D), order_A, cfg.top_k)
-      y_AD = swiglu_experts_grouped(x_AD, wg, wu, wd, sizes_E, GROUPED_MATMULS[cfg.impl])
-      y = routing.combine(y_AD, inverse_A, weights_BLk.reshape(B * L, -1)).reshape(B, L, D)
+      if moe_parallel.expert_parallel_size() > 1:
+        # Experts sharded over the mesh's 'expert' axis: all-to-all token dispatch.
+        y = moe_parallel.expert_parallel_moe(
+            x.reshape(B * L, D), weights_BLk.reshape(B * L, -1), ids_Tk, wg, wu, wd,
+            matmul=cfg.impl).reshape(B, L, D)
+      else:
+        order_A, sizes_E, inverse_A = routing.sort_by_expert(ids_Tk, cfg.num_experts)
+        x_AD = routing.permute(x.reshape(B * L, D), order_A, cfg.top_k)
+        y_AD = swiglu_experts_grouped(x_AD, wg, wu, wd, sizes_E, GROUPED_MATMULS[cfg.impl])
+        y = routing.combine(y_AD, inverse_A, weights_BLk.reshape(B * L, -1)).reshape(B, L, D)
     if self.shared is not None:
       y = y + self.shared(x)[0]
     return y, aux

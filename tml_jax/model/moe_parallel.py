@@ -74,8 +74,10 @@ def expert_parallel_moe(x_TD, weights_Tk, ids_Tk, w_gate_EDF, w_up_EDF, w_down_E
     raise ValueError("expert_parallel_moe needs a mesh: pass mesh= or call it under "
                      "jax.set_mesh(mesh)")
   axes = dict(mesh.shape)
-  ep = axes.get(EXPERT_AXIS, 1)
-  E, D, F = w_gate_EDF.shape
+  if EXPERT_AXIS not in axes:
+    raise ValueError(f"expert_parallel_moe: mesh axes {tuple(axes)} have no {EXPERT_AXIS!r}")
+  ep = axes[EXPERT_AXIS]
+  E, _, F = w_gate_EDF.shape
   T, k = ids_Tk.shape
   token_axes = tuple(a for a in TOKEN_AXES if a in axes)
   token_shards = 1
@@ -101,9 +103,14 @@ def expert_parallel_moe(x_TD, weights_Tk, ids_Tk, w_gate_EDF, w_up_EDF, w_down_E
   experts = functools.partial(moe_lib.swiglu_experts_grouped, matmul=matmul)
   local = functools.partial(_local_moe, num_experts=E, ep=ep, tensor_axis=tensor_axis,
                             experts=experts, exchange=exchange)
-  return jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out),
-                       out_specs=tok)(x_TD, weights_Tk, ids_Tk, w_gate_EDF, w_up_EDF,
-                                      w_down_EFD)
+  in_specs = (tok, tok, tok, w_in, w_in, w_out)
+  args = (x_TD, weights_Tk, ids_Tk, w_gate_EDF, w_up_EDF, w_down_EFD)
+  if jax.sharding.AxisType.Explicit in tuple(mesh.axis_types):
+    # Under Explicit axes shard_map checks (not converts) input shardings: reshard first.
+    to = ((lambda spec: jax.sharding.NamedSharding(mesh, spec))
+          if isinstance(mesh, jax.sharding.Mesh) else (lambda spec: spec))
+    args = tuple(jax.reshard(a, to(spec)) for a, spec in zip(args, in_specs))
+  return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=tok)(*args)
 
 
 def _local_moe(x_TD, weights_Tk, ids_Tk, wg_EDF, wu_EDF, wd_EFD, *, num_experts, ep,
