@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tml_jax.config import mesh_shape
@@ -36,18 +35,6 @@ def logical_to_spec(axes, rules, shape=None, mesh: Mesh | None = None) -> P:
     used.update(targets)
     out.append(None if not targets else targets[0] if len(targets) == 1 else targets)
   return P(*out)
-
-
-def state_shardings(state: nnx.State, rules, mesh: Mesh):
-  """NamedSharding for every leaf of an nnx state (params carry `logical_axes`)."""
-  def one(x):
-    if isinstance(x, nnx.Variable):
-      axes = x.get_metadata().get("logical_axes")
-      value = x.get_value()
-      spec = logical_to_spec(axes, rules, value.shape, mesh) if axes else P()
-      return x.replace(NamedSharding(mesh, spec))
-    return NamedSharding(mesh, P())
-  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -88,7 +88,8 @@ class Setup:
     abs_opt = jax.eval_shape(self.tx.init, abs_params)
     # Optimizer moments follow their parameter's sharding; scalars are replicated.
     named = lambda spec: jax.sharding.NamedSharding(mesh, spec)
-    param_sh = jax.tree.map(named, param_spec, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    param_sh = jax.tree.map(named, param_spec,
+                            is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     opt_sh = optax.tree_utils.tree_map_params(
         self.tx, lambda _, sh: sh, abs_opt, param_sh,
         transform_non_params=lambda _: shd.replicated(mesh))
@@ -101,15 +102,13 @@ class Setup:
     tc = config.train
     self.weights = {k: float(v) for k, v in tc.loss_weights.items()}
     self._init_jit = jax.jit(self._init, out_shardings=self.state_sharding)
+    step_in = (self.state_sharding, self.batch_sharding, shd.replicated(mesh))
     self._train_step_jit = jax.jit(functools.partial(train_step, setup=self),
-                              in_shardings=(self.state_sharding, self.batch_sharding,
-                                            shd.replicated(mesh)),
-                              out_shardings=(self.state_sharding, shd.replicated(mesh)),
-                              donate_argnums=(0,))
+                                   in_shardings=step_in,
+                                   out_shardings=(self.state_sharding, shd.replicated(mesh)),
+                                   donate_argnums=(0,))
     self._eval_step_jit = jax.jit(functools.partial(eval_step, setup=self),
-                             in_shardings=(self.state_sharding, self.batch_sharding,
-                                           shd.replicated(mesh)),
-                             out_shardings=shd.replicated(mesh))
+                                  in_shardings=step_in, out_shardings=shd.replicated(mesh))
 
   # The jitted steps trace under the run's mesh, so layers can see it (the MoE dispatches
   # tokens by all-to-all when the mesh has an 'expert' axis > 1).

@@ -1,0 +1,341 @@
+"""Aggregate per-sample scores into REPORT/report.json, report.md and plots.
+
+report.json: {"systems": {system: {task: {metric: value, "n": samples}, "extra": {...}}},
+"substitutes": what replaced the benchmark's ASR / judge, "notes", "refused" (sample folders
+that could not be read), "failures" (system x sample runs that raised), "reference" (the
+reference system's published figures, context only). Task keys are the v1 task names
+(turn_taking, pause_handling, user_interruption, backchannel) and the v1.5 folders
+("v1.5/user_interruption", ...). Means are over the samples where a value exists (latency:
+samples with a takeover; stop_s: samples where the system was speaking at the barge-in).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from tml_jax.eval.metrics import mean
+
+REFERENCE = {"turn_taking_latency_s": 0.40, "fd_bench_v1_5_interaction_quality": 77.8,
+             "source": "TML-Interaction-Small, published figures (DESIGN.md section 1); "
+                       "interaction quality is an LLM-judge score we do not compute"}
+SUBSTITUTES = {
+    "asr": "none run: words and timestamps come from each system's own output.json (the "
+           "benchmark transcribes output.wav with an ASR)",
+    "llm_judge": "none run: v1 interruption relevance and v1.5 behaviour categories / "
+                 "interaction quality are omitted, not estimated",
+    "vad": "tml_jax.eval.vad (energy + noise floor + zero-crossing, 20 ms frames, 0.3 s "
+           "hangover) on output.wav for stop_s and the v1.5 stop / response latencies",
+    "v1.5_behaviour": "timing_behaviour_acc: our timing check of the behaviour annotations.json "
+                      "expects (stay silent / keep talking / stop then respond)",
+}
+V1 = ("turn_taking", "pause_handling", "user_interruption", "backchannel")
+
+
+def _rate(xs) -> float | None:
+  xs = [bool(x) for x in xs if x is not None]
+  return round(sum(xs) / len(xs), 4) if xs else None
+
+
+def _median(xs) -> float | None:
+  xs = [x for x in xs if x is not None]
+  return round(float(np.median(xs)), 4) if xs else None
+
+
+def task_keys(rows: list[dict]) -> dict[str, str]:
+  """task folder -> report key: the v1 kind when one folder has it, else the folder."""
+  kinds: dict[str, set] = {}
+  for r in rows:
+    kinds.setdefault(r["kind"], set()).add(r["task"])
+  return {t: (k if k in V1 and len(ts) == 1 else t) for k, ts in kinds.items() for t in ts}
+
+
+def summarise(kind: str, ms: list[dict]) -> dict:
+  """One task's per-sample metric dicts -> the aggregate the report shows."""
+  col = lambda k: [m.get(k) for m in ms]
+  out: dict = {}
+  if kind in V1:
+    out["tor"] = _rate(col("takeover"))
+  if kind in ("turn_taking", "user_interruption"):
+    out["latency_s"] = mean(col("latency_s"))
+    out["latency_median_s"] = _median(col("latency_s"))
+  if kind == "user_interruption":
+    speaking = [m for m in ms if m.get("speaking")]
+    out["stop_s"] = mean(m["stop_s"] for m in speaking)
+    out["n_speaking_at_barge_in"] = len(speaking)
+    out["n_never_stopped"] = sum(bool(m.get("censored")) for m in speaking)
+  if kind == "backchannel":
+    out["freq"] = mean(col("freq"))
+    out["jsd"] = mean(col("jsd"))
+  if kind == "v1.5":
+    speaking = [m for m in ms if m.get("speaking_at_onset")]
+    out["stop_latency_s"] = mean(m["stop_latency_s"] for m in speaking)
+    out["response_latency_s"] = mean(col("response_latency_s"))
+    out["n_speaking_at_onset"] = len(speaking)
+    out["n_never_stopped"] = sum(bool(m.get("censored")) for m in speaking)
+    out["timing_behaviour_acc"] = _rate(col("timing_behaviour_ok"))
+  out["n"] = len(ms)
+  return out
+
+
+def summarise_extra(items: dict[str, list[dict]]) -> dict:
+  out = {}
+  if items.get("background_answer"):
+    xs = items["background_answer"]
+    out["background_answer"] = {"acc": _rate(x["correct"] for x in xs),
+                                "latency_s": mean(x["latency_s"] for x in xs), "n": len(xs)}
+  if items.get("reminder"):
+    xs = items["reminder"]
+    errs = [x["error_s"] for x in xs if x["error_s"] is not None]
+    out["reminder"] = {"said_rate": _rate(x["said"] for x in xs),
+                       "abs_error_s": mean(abs(e) for e in errs),
+                       "error_s": mean(errs), "n": len(xs)}
+  if items.get("visual_interjection"):
+    xs = items["visual_interjection"]
+    out["visual_interjection"] = {"latency_s": mean(x["latency_s"] for x in xs),
+                                  "mention_rate": _rate(x["mentions"] for x in xs),
+                                  "n": len(xs)}
+  if items.get("counting"):
+    xs = items["counting"]
+    out["counting"] = {"acc": _rate(x["correct"] for x in xs), "n": len(xs)}
+  return out
+
+
+def build(rows: list[dict], *, refused=(), notes=(), unavailable=None, systems=(),
+          data_dir: str = "", n_samples=None) -> dict:
+  keys = task_keys(rows)
+  result = {"systems": {}, "substitutes": SUBSTITUTES, "reference": REFERENCE,
+            "notes": list(dict.fromkeys(notes)), "refused": list(refused), "failures": [],
+            "unavailable": dict(unavailable or {}), "data": data_dir,
+            "n_samples": dict(n_samples or {})}
+  for name in systems:
+    mine = [r for r in rows if r["system"] == name]
+    if name in result["unavailable"]:
+      result["systems"][name] = {"unavailable": result["unavailable"][name]}
+      continue
+    by_task: dict[str, tuple[str, list]] = {}
+    extra: dict[str, list] = {}
+    for r in mine:
+      if "error" in r:
+        result["failures"].append({k: r[k] for k in ("system", "task", "sample", "error")})
+        continue
+      m = dict(r["metrics"])
+      for k, v in m.pop("extra", {}).items():
+        extra.setdefault(k, []).extend(v)
+      by_task.setdefault(keys[r["task"]], (r["kind"], []))[1].append(m)
+    sys_out = {key: summarise(kind, ms) for key, (kind, ms) in sorted(by_task.items())
+               if kind != "extra" or ms}
+    sys_out = {k: v for k, v in sys_out.items() if list(v) != ["n"]}
+    if extra:
+      sys_out["extra"] = summarise_extra(extra)
+    sys_out["failed"] = sum("error" in r for r in mine)
+    result["systems"][name] = sys_out
+  return result
+
+
+# ---- the table ------------------------------------------------------------------------
+
+# (label, task key, metric, better)
+ROWS = (
+    ("turn-taking TOR", "turn_taking", "tor", "higher"),
+    ("turn-taking latency (s)", "turn_taking", "latency_s", "lower"),
+    ("pause-handling TOR", "pause_handling", "tor", "lower"),
+    ("backchannel TOR", "backchannel", "tor", "lower"),
+    ("backchannel freq (1/s)", "backchannel", "freq", ""),
+    ("backchannel JSD", "backchannel", "jsd", "lower"),
+    ("interruption TOR", "user_interruption", "tor", "higher"),
+    ("interruption latency (s)", "user_interruption", "latency_s", "lower"),
+    ("interruption stop_s (s)", "user_interruption", "stop_s", "lower"),
+)
+V15_ROWS = (("stop latency (s)", "stop_latency_s", "lower"),
+            ("response latency (s)", "response_latency_s", ""),
+            ("timing behaviour acc", "timing_behaviour_acc", "higher"))
+EXTRA_ROWS = (("background answer acc", "background_answer", "acc", "higher"),
+              ("background answer latency (s)", "background_answer", "latency_s", "lower"),
+              ("reminder |error| (s)", "reminder", "abs_error_s", "lower"),
+              ("visual interjection latency (s)", "visual_interjection", "latency_s", "lower"),
+              ("repetition count acc", "counting", "acc", "higher"))
+
+
+def _fmt(v) -> str:
+  if v is None:
+    return "–"
+  return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def table(result: dict) -> str:
+  """One markdown table: systems as columns, the reference system's figures as context."""
+  names = list(result["systems"])
+  ref = result.get("reference", REFERENCE)
+  lines = ["| metric | better | " + " | ".join(names) + " | reference (published) |",
+           "|---|---|" + "---|" * len(names) + "---|"]
+
+  def add(label, better, values, ref_value="–"):
+    lines.append(f"| {label} | {better} | " + " | ".join(_fmt(v) for v in values)
+                 + f" | {ref_value} |")
+
+  sysd = result["systems"]
+  for label, task, key, better in ROWS:
+    vals = [sysd[n].get(task, {}).get(key) for n in names]
+    if any(task in sysd[n] for n in names):
+      add(label, better, vals, _fmt(ref["turn_taking_latency_s"])
+          if (task, key) == ("turn_taking", "latency_s") else "–")
+  v15 = sorted({t for n in names for t in sysd[n] if t.startswith("v1.5")})
+  for task in v15:
+    for label, key, better in V15_ROWS:
+      add(f"{task} {label}", better, [sysd[n].get(task, {}).get(key) for n in names])
+  for label, group, key, better in EXTRA_ROWS:
+    vals = [sysd[n].get("extra", {}).get(group, {}).get(key) for n in names]
+    if any(group in sysd[n].get("extra", {}) for n in names):
+      add(label, better, vals)
+  add("FD-bench v1.5 interaction quality (LLM judge)", "higher",
+      ["not computed"] * len(names), _fmt(ref["fd_bench_v1_5_interaction_quality"]))
+  add("samples failed", "", [sysd[n].get("failed", "unavailable") for n in names])
+  return "\n".join(lines)
+
+
+def print_table(report_json_path: str, echo: bool = True) -> str:
+  """Print (and return) the markdown table of a REPORT/report.json."""
+  if not os.path.exists(report_json_path):
+    raise FileNotFoundError(f"no report at {report_json_path!r}; run python -m "
+                            f"tml_jax.evaluate --data=DIR --out=REPORT first")
+  with open(report_json_path) as f:
+    text = table(json.load(f))
+  if echo:
+    print(text)
+  return text
+
+
+def markdown(result: dict, plots: list[str]) -> str:
+  parts = ["# Full-Duplex-Bench evaluation (our implementation of its metrics)", "",
+           f"Data: `{result['data']}`; samples per task: "
+           + ", ".join(f"{k} {v}" for k, v in sorted(result["n_samples"].items())), "",
+           table(result), "",
+           "TOR: takeover rate. Latencies are means over the samples where the event "
+           "happened (see report.json for n and medians). Metric definitions: "
+           "`tml_jax/eval/metrics.py`.", "", "## Substitutes", ""]
+  parts += [f"- **{k}**: {v}" for k, v in result["substitutes"].items()]
+  for title, items in (("Notes", result["notes"]),
+                       ("Refused sample folders", [r["reason"] for r in result["refused"]]),
+                       ("Failed runs", [f"{f['system']} {f['task']}/{f['sample']}: "
+                                        f"{f['error']}" for f in result["failures"]])):
+    if items:
+      parts += ["", f"## {title}", ""] + [f"- {x}" for x in items]
+  if plots:
+    parts += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})"
+                                     for p in plots]
+  return "\n".join(parts) + "\n"
+
+
+# ---- plots ----------------------------------------------------------------------------
+
+def _plt():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def plot_latencies(rows: list[dict], path: str) -> str | None:
+  kinds = [("turn_taking", "turn-taking latency"), ("user_interruption", "interruption latency")]
+  data = {(k, r["system"]): [] for r in rows for k, _ in kinds}
+  for r in rows:
+    lat = (r.get("metrics") or {}).get("latency_s")
+    if r["kind"] in dict(kinds) and lat is not None:
+      data[(r["kind"], r["system"])].append(lat)
+  if not any(data.values()):
+    return None
+  plt = _plt()
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=110)
+  bins = np.linspace(0, 4, 41)
+  for ax, (k, title) in zip(axes, kinds):
+    for (kk, name), xs in data.items():
+      if kk == k and xs:
+        ax.hist(xs, bins=bins, alpha=0.5, label=f"{name} (n={len(xs)})")
+    if k == "turn_taking":
+      ax.axvline(REFERENCE["turn_taking_latency_s"], color="k", ls="--", lw=1,
+                 label="reference 0.40 s")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("seconds")
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def plot_task_bars(result: dict, path: str) -> str | None:
+  names = [n for n, s in result["systems"].items() if "unavailable" not in s]
+  tasks = sorted({t for n in names for t, v in result["systems"][n].items()
+                  if isinstance(v, dict) and v.get("tor") is not None})
+  if not names or not tasks:
+    return None
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(tasks)), 3.4), dpi=110)
+  width = 0.8 / len(names)
+  for i, n in enumerate(names):
+    vals = [result["systems"][n].get(t, {}).get("tor") or 0.0 for t in tasks]
+    ax.bar(np.arange(len(tasks)) + i * width, vals, width, label=n)
+  ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2)
+  better = {k: b for _, k, m, b in ROWS if m == "tor"}
+  ax.set_xticklabels([f"{t}\n({better.get(t, '?')} is better)" for t in tasks], fontsize=8)
+  ax.set_ylabel("takeover rate")
+  ax.set_ylim(0, 1.05)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def plot_timeline(rows: list[dict], task: str, path: str) -> str | None:
+  """The first sample of a task: the user's speech and each system's speech over time."""
+  mine = [r for r in rows if r["task"] == task and "segs" in r]
+  if not mine:
+    return None
+  sample = mine[0]["sample"]
+  mine = [r for r in mine if r["sample"] == sample]
+  plt = _plt()
+  lanes = [("user (input.wav)", mine[0]["user_segs"])] + [(r["system"], r["segs"])
+                                                           for r in mine]
+  fig, ax = plt.subplots(figsize=(10, 0.5 + 0.45 * len(lanes)), dpi=110)
+  for i, (label, segs) in enumerate(lanes):
+    ax.broken_barh([(a, b - a) for a, b in segs], (len(lanes) - 1 - i - 0.35, 0.7),
+                   color="tab:blue" if i == 0 else "tab:orange")
+  marks = {k: mine[0].get(k) for k in ("turn_end_s", "start_s", "end_s")}
+  if mine[0].get("overlap"):
+    marks.update(start_s=mine[0]["overlap"][0], end_s=mine[0]["overlap"][1])
+  for k, t in marks.items():
+    if t is not None:
+      ax.axvline(t, color="k", ls="--", lw=0.8)
+  ax.set_yticks(range(len(lanes)))
+  ax.set_yticklabels([l for l, _ in lanes][::-1], fontsize=8)
+  ax.set_xlim(0, mine[0]["duration_s"])
+  ax.set_xlabel("seconds (dashed: the benchmark's reference times)")
+  ax.set_title(f"{task} / sample {sample}", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def write(result: dict, rows: list[dict], out_dir: str, plots: bool = True) -> list[str]:
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+  if plots:
+    paths = [plot_latencies(rows, os.path.join(out_dir, "latency_hist.png")),
+             plot_task_bars(result, os.path.join(out_dir, "task_tor.png"))]
+    for task in sorted({r["task"] for r in rows}):
+      paths.append(plot_timeline(rows, task, os.path.join(
+          out_dir, f"timeline_{task.replace('/', '_')}.png")))
+    paths = [p for p in paths if p]
+  with open(os.path.join(out_dir, "report.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  with open(os.path.join(out_dir, "samples.jsonl"), "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+  with open(os.path.join(out_dir, "report.md"), "w") as f:
+    f.write(markdown(result, paths))
+  return paths
