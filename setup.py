@@ -28,6 +28,7 @@ setup(
         "jaxtyping>=0.2.36",
         "absl-py",
         "tqdm",
+        "threadpoolctl",  # the engine pins numpy BLAS to one thread per micro-turn
     ],
     extras_require={"dev": ["pytest>=8", "pytest-xdist>=3.5"]},
 )

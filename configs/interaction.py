@@ -1,7 +1,7 @@
 r"""Interaction model configs: `get_config("VARIANT[,MODIFIER...]")`.
 
 Variants
-  tiny       CPU, ~20 M parameters (8 experts, top-2), trains in minutes on 2 cores.
+  tiny       CPU, ~13 M parameters (8 experts, top-2), trains in 20 minutes on 2 cores.
              python -m tml_jax.params --config=configs/interaction.py:tiny
              python -m tml_jax.demo --config=configs/interaction.py:tiny --out=out/demo
   small      one GPU, ~1.9 B total / ~0.56 B active parameters.
@@ -57,33 +57,34 @@ def _layout(**overrides) -> mlc.ConfigDict:
   c.model_text_slots = 8
   c.model_audio_slots = 4   # 4 queries, 2 mel frames each (8 -> one frame each)
   c.prefix_slots = 0
-  c.num_chunks = 40         # training rows: 8 s of conversation
+  c.num_chunks = 32         # training rows: 6.4 s of conversation
   c.update(overrides)
   return c
 
 
 def _model(**overrides) -> mlc.ConfigDict:
   c = mlc.ConfigDict()
-  c.d_model = 256
+  c.d_model = 192
   c.num_layers = 4
   c.num_heads = 4
   c.num_kv_heads = 2
-  c.head_dim = 64
+  c.head_dim = 48
   c.ffn = "moe"             # "moe" | "dense"
   c.dense_hidden = 1024
   c.num_experts = 8
   c.top_k = 2
-  c.expert_hidden = 768
+  c.expert_hidden = 640
   c.shared_expert_hidden = 0  # 0: no shared expert
-  # "einsum" (capacity) | "ragged" (lax.ragged_dot) | "pallas". On a CPU, ragged_dot expands
-  # to a dense masked product over all experts (7x slower here), so tiny uses einsum.
-  c.moe_impl = "einsum"
+  # "einsum" (capacity) | "ragged" (lax.ragged_dot) | "pallas" (kernels_pallas.gmm). On a CPU
+  # ragged_dot is a dense masked product over all experts (~7x slower here), while gmm's CPU
+  # path (a scan of dense tiles) is as fast as einsum and drops nothing: benchmarks/moe.py.
+  c.moe_impl = "pallas"
   c.capacity_factor = 1.25
   c.vocab_size = 272        # bytes + 16 control tokens (tml_jax.text.tokenizer)
   c.n_mels = 80
   c.dmel_bins = 16
   c.patch_size = 40
-  c.flow_hidden = 256
+  c.flow_hidden = 192
   c.flow_layers = 3
   c.flow_steps = 8          # Euler steps when sampling audio
   c.attention_backend = "reference"  # "reference" (dense mask) | "pallas"
@@ -106,16 +107,25 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   config.sharding_rules = SHARDING_RULES
 
   config.train = mlc.ConfigDict(dict(
-      batch_size=8, num_steps=1500, lr=3e-3, warmup_steps=100, min_lr_ratio=0.1,
+      batch_size=6, num_steps=240, lr=3e-3, warmup_steps=20, min_lr_ratio=0.1,
       weight_decay=0.05, clip_norm=1.0, b2=0.98,
-      log_every=25, eval_every=250, eval_batches=4, checkpoint_every=250, keep_checkpoints=3,
-      time_budget_s=20 * 60.0,
+      log_every=10, eval_every=60, eval_batches=4, checkpoint_every=60, keep_checkpoints=3,
+      time_budget_s=20 * 60.0, final_report=True, inject_nan_step=-1,
       loss_weights=mlc.ConfigDict(dict(text=1.0, audio=1.0, balance=0.01, z=1e-3,
                                        background=1.0)),
   ))
   config.data = mlc.ConfigDict(dict(
-      dir="", num_train=600, num_validation=40, num_test=40, conversation_s=24.0, seed=0,
+      dir="", num_train=300, num_validation=24, num_test=40, conversation_s=24.0, seed=0,
       workers=0,
+  ))
+  # Background model (DESIGN §5, tml_jax/model/background.py), trained jointly through
+  # train.loss_weights.background; `serve` holds the streaming engine's settings.
+  config.background = mlc.ConfigDict(dict(
+      enabled=True, d_model=128, num_layers=2, num_heads=4, head_dim=32, hidden=512,
+      max_len=128, max_delegations=2, tool_timeout_s=5.0,
+  ))
+  config.serve = mlc.ConfigDict(dict(
+      temperature=0.0, griffin_lim_iters=4, seed=0,
   ))
 
   if variant == "tiny":
@@ -159,6 +169,8 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
       config.train.update(dict(num_steps=30, batch_size=4, log_every=5, eval_every=15,
                                eval_batches=1, checkpoint_every=10, warmup_steps=5,
                                time_budget_s=0.0))
+      config.background.update(dict(d_model=32, num_heads=2, head_dim=16, hidden=64,
+                                    max_len=96))
     elif mod == "dense":
       config.model.ffn = "dense"
       config.model.dense_hidden = config.model.top_k * config.model.expert_hidden

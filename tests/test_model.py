@@ -46,9 +46,11 @@ def test_causality_by_gradients(rng, window):
   is_pred = np.isin(np.asarray(meta.segment[0]), [Segment.MODEL_TEXT, Segment.MODEL_AUDIO])
   probe = jnp.asarray(rng.normal(size=x0.shape[-1]), jnp.float32)
   chunk, slot, doc = (np.asarray(f[0]) for f in (meta.chunk, meta.slot, meta.doc))
-  for q in np.flatnonzero(is_pred)[::5]:
-    grad = jax.grad(lambda x: jnp.sum(model.backbone(x, meta, pos)[0][0, q] * probe))(x0)
-    g = np.abs(np.asarray(grad[0])).sum(-1)
+  # One compiled gradient function, the query index a traced argument.
+  grad_fn = jax.jit(jax.grad(
+      lambda x, q: jnp.sum(model.backbone(x, meta, pos)[0][0, q] * probe)))
+  for q in np.flatnonzero(is_pred)[::3]:
+    g = np.abs(np.asarray(grad_fn(x0, q)[0])).sum(-1)
     hidden = (chunk > chunk[q]) | ((chunk == chunk[q]) & is_pred & (slot > slot[q])) | (
         doc != doc[q])
     assert np.all(g[hidden] == 0.0), f"query {q} depends on invisible tokens {np.flatnonzero(g * hidden)}"
@@ -200,8 +202,8 @@ def test_bad_configs_raise(field, value, match):
 
 def test_heads_not_dividing_width():
   c = get_config("tiny")
-  c.model.update(dict(num_heads=6, num_kv_heads=2))
-  with pytest.raises(ConfigError, match="d_model=256"):
+  c.model.update(dict(num_heads=5, num_kv_heads=1))
+  with pytest.raises(ConfigError, match=f"d_model={c.model.d_model}"):
     validate(c)
 
 
@@ -224,7 +226,7 @@ def test_pallas_attention_backend_matches_reference(rng):
   for backend in ("reference", "pallas"):
     config = tiny_config(attention_backend=backend, moe_impl="ragged")
     cfg, model = build(config, seed=seed)
-    batch = random_batch(cfg.layout, batch=2, num_chunks=5, num_docs=2, pad_chunks=1, seed=seed)
+    batch = random_batch(cfg.layout, batch=1, num_chunks=4, num_docs=2, pad_chunks=1, seed=seed)
     loss, grads = nnx.value_and_grad(
         lambda m: compute_losses(m, batch, jax.random.key(0), weights)[0])(model)
     results[backend] = (float(loss), jax.tree.leaves(nnx.state(grads)))

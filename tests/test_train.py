@@ -16,9 +16,15 @@ BASE = ["--config=configs/interaction.py:tiny,smoke", "--config.train.log_every=
         "--config.train.final_report=False"]
 
 
+# Trainer subprocesses compile the same smoke programs again and again: share a persistent
+# compilation cache between them (per test session).
+_CACHE = os.path.join(__import__("tempfile").gettempdir(), f"tml_jax_test_jit_{os.getppid()}")
+
+
 def _env(**extra):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **extra)
+  env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=_CACHE,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **extra)
   return env
 
 
@@ -133,15 +139,15 @@ def test_two_processes_train_then_one_restores(smoke_corpus, tmp_path):
   _, overrides = smoke_corpus
   workdir = str(tmp_path / "mp")
   p = subprocess.run(["bash", "launch/local.sh", "2", *BASE, *overrides,
-                      "--config.train.num_steps=4", f"--workdir={workdir}"],
+                      "--config.train.num_steps=3", f"--workdir={workdir}"],
                      cwd=ROOT, env=_env(PYTHON=sys.executable), capture_output=True, text=True,
                      timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   log0 = open(os.path.join(workdir, "process_0.log")).read()
   assert "2 process(es)" in log0 and "'data': 2" in log0
-  p = run_train(workdir, overrides, "--config.train.num_steps=6")
-  assert "resumed from step 4" in p.stdout
-  assert max(losses(workdir)) == 6
+  p = run_train(workdir, overrides, "--config.train.num_steps=4")
+  assert "resumed from step 3" in p.stdout
+  assert max(losses(workdir)) == 4
 
 
 MESH_SCRIPT = textwrap.dedent("""

@@ -4,7 +4,8 @@
   audio    conditional flow matching of chunk t+1's mel frames on MODEL_AUDIO queries
   balance  MoE load balancing (Switch), averaged over layers
   z        router z-loss (ST-MoE)
-  background  the background model's text loss (added by the serving issue; 0 until then)
+  background  the background model's teacher-forced text loss on the delegations of the
+              row (tml_jax.model.background; 0 when the model or the batch has none)
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tml_jax.layout import Segment
+from tml_jax.layout import Segment, TokenMeta
+from tml_jax.model.background import background_loss
 from tml_jax.model.flow import denormalize_mel, normalize_mel
 from tml_jax.text import tokenizer as tok
 
@@ -42,6 +44,10 @@ def compute_losses(model, batch, rng, weights) -> tuple[jnp.ndarray, dict]:
   metrics["balance"] = out.aux.get("balance", jnp.zeros(()))
   metrics["z"] = out.aux.get("z", jnp.zeros(()))
   metrics["background"] = jnp.zeros(())
+  if getattr(model, "background", None) is not None and "bg_chunk" in batch:
+    metrics["background"], metrics["background_tokens"] = background_loss(
+        model.background, out.hidden, TokenMeta(*(jnp.asarray(f) for f in batch["meta"])),
+        batch, model.cfg.window)
   total = sum(weights[k] * metrics[k] for k in ("text", "audio", "balance", "z", "background"))
   metrics["loss"] = total
   return total, metrics

@@ -49,8 +49,11 @@ class MicroTurnExample(grain.transforms.RandomMap):
   """One record -> one example of `num_chunks` chunks (numpy, unbatched)."""
 
   def __init__(self, layout: ChunkLayout, num_chunks: int, *, chunk_ms: int = 200,
-               video_size=(80, 80), patch: int = 40, random_crop: bool = True):
+               video_size=(80, 80), patch: int = 40, random_crop: bool = True,
+               bg_delegations: int = 0, bg_len: int = 96):
     self.layout, self.num_chunks, self.chunk_s = layout, num_chunks, chunk_ms / 1000
+    # Background-model targets (tml_jax.model.background): up to `bg_delegations` per crop.
+    self.bg_delegations, self.bg_len = bg_delegations, bg_len
     self.video_size, self.patch, self.random_crop = tuple(video_size), patch, random_crop
     self.frames = layout.user_audio
 
@@ -81,6 +84,8 @@ class MicroTurnExample(grain.transforms.RandomMap):
     out["model_text_target"] = target
     out["model_text_in"] = np.concatenate(
         [np.full((total, 1), tok.BOS, np.int32), target[:, :-1]], axis=1)
+    if self.bg_delegations:
+      out["_bg"] = self._background(record, target)
 
     arriving = [[] for _ in range(total)]
     for t, text in zip(record["text_in_s"], record["text_in_text"]):
@@ -105,12 +110,36 @@ class MicroTurnExample(grain.transforms.RandomMap):
       out["has_video"] = np.full((total,), bool(events))
     return out
 
+  def _background(self, record, target) -> list:
+    """(chunk, inputs, targets, mask) per delegation: the chunk is where its DELEGATE landed
+    in the text targets (FIFO spill included), i.e. the micro-turn that emits it."""
+    from tml_jax.model.background import target_sequence
+    events = sorted((e for e in json.loads(_text(record["events_json"]))
+                     if e["kind"] == "delegation"), key=lambda e: e["start_s"])
+    chunks = [int(c) for c, j in zip(*np.nonzero(target == tok.DELEGATE))]
+    out = []
+    for c, e in zip(chunks, events):
+      d = e.get("data", e)
+      out.append((c, *target_sequence(d["tool"], d["question"], d["result_text"], self.bg_len)))
+    return out
+
+  def _crop_background(self, items, start: int, n: int) -> dict:
+    N, T = self.bg_delegations, self.bg_len
+    ex = dict(bg_chunk=np.full((N,), -1, np.int32), bg_in=np.full((N, T), tok.PAD, np.int32),
+              bg_target=np.full((N, T), tok.PAD, np.int32), bg_mask=np.zeros((N, T), bool))
+    inside = [it for it in items if start <= it[0] < start + n][:N]
+    for i, (c, inp, tgt, mask) in enumerate(inside):
+      ex["bg_chunk"][i], ex["bg_in"][i], ex["bg_target"][i], ex["bg_mask"][i] = (
+          c - start, inp, tgt, mask)
+    return ex
+
   def random_map(self, record, rng: np.random.Generator) -> dict:
     s = self.streams(record)
+    bg = s.pop("_bg", None)
     total, C, lay = len(s["text_in"]), self.num_chunks, self.layout
     start = int(rng.integers(0, total - C + 1)) if (self.random_crop and total > C) else 0
     n = min(C, total - start)
-    ex = {}
+    ex = {} if bg is None else self._crop_background(bg, start, n)
     for k, v in s.items():
       part = v[start:start + n]
       pad = np.zeros((C - n, *part.shape[1:]), part.dtype)
@@ -128,6 +157,11 @@ class MicroTurnExample(grain.transforms.RandomMap):
     ex["meta"] = TokenMeta(*(f[0] for f in meta))
     ex["audio_mask"] = ex["audio_mask"] & valid_BC[0]
     return ex
+
+
+def _bg_delegations(config) -> int:
+  b = config.get("background")
+  return int(b.max_delegations) if b is not None and b.get("enabled", False) else 0
 
 
 def make_loader(source, config, *, split: str, seed: int, batch_size: int | None = None,
@@ -148,7 +182,9 @@ def make_loader(source, config, *, split: str, seed: int, batch_size: int | None
       shuffle=shuffle, num_epochs=num_epochs, seed=seed)
   ops = [MicroTurnExample(layout, config.layout.num_chunks, chunk_ms=config.layout.chunk_ms,
                           video_size=config.layout.video_size, patch=config.model.patch_size,
-                          random_crop=random_crop),
+                          random_crop=random_crop,
+                          bg_delegations=_bg_delegations(config),
+                          bg_len=config.get("background", {}).get("max_len", 96)),
          grain.transforms.Batch(batch_size // jax.process_count(), drop_remainder=True)]
   return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
                           worker_count=worker_count)

@@ -24,6 +24,7 @@ from flax import nnx
 
 from tml_jax.layout import ChunkLayout, Segment, TokenMeta
 from tml_jax.model.attention import Attention, AttentionConfig
+from tml_jax.model.background import BackgroundConfig, BackgroundModel
 from tml_jax.model.embed import Embeddings
 from tml_jax.model.flow import FlowConfig, FlowHead
 from tml_jax.model.layers import DTYPES, RMSNorm, fan_in_init, param
@@ -49,6 +50,7 @@ class ModelConfig:
   dtype: str
   param_dtype: str
   norm_eps: float = 1e-6
+  background: BackgroundConfig | None = None  # config.background (issue 7), None = off
 
   @classmethod
   def from_config(cls, config) -> "ModelConfig":
@@ -68,7 +70,8 @@ class ModelConfig:
         flow=FlowConfig(m.d_model, fpq * m.n_mels, m.flow_hidden, m.flow_layers, m.param_dtype),
         vocab_size=m.vocab_size, n_mels=m.n_mels, dmel_bins=m.dmel_bins,
         patch_size=m.patch_size, frames_per_query=fpq, dtype=m.dtype,
-        param_dtype=m.param_dtype, norm_eps=m.norm_eps)
+        param_dtype=m.param_dtype, norm_eps=m.norm_eps,
+        background=BackgroundConfig.from_config(config))
 
 
 class Block(nnx.Module):
@@ -106,6 +109,8 @@ class InteractionModel(nnx.Module):
     self.unembed = param(rngs, fan_in_init(cfg.d_model), (cfg.d_model, cfg.vocab_size),
                          ("embed", "vocab"), pd)
     self.flow = FlowHead(cfg.flow, rngs=rngs)
+    if cfg.background is not None:  # created last: the other parameters' init is unchanged
+      self.background = BackgroundModel(cfg.background, rngs=rngs)
 
   def embed_chunks(self, batch) -> dict:
     """Per-segment embeddings `[B, C, S, D]` (segment embedding added), ready for `pack`."""

@@ -1,0 +1,193 @@
+"""Background model (loss, gradients, targets, decoding loop) and its tools."""
+
+import json
+import os
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.interaction import get_config
+from tml_jax.batch import random_batch
+from tml_jax.data.pipeline import MicroTurnExample
+from tml_jax.data.templates import FACTS
+from tml_jax.layout import ChunkLayout
+from tml_jax.losses import compute_losses
+from tml_jax.model.background import context_mask, target_sequence
+from tml_jax.model.transformer import InteractionModel, ModelConfig
+from tml_jax.serve.worker import BackgroundWorker, Job, solve
+from tml_jax.text import tokenizer as tok
+from tml_jax.tools import (CalculatorError, Reminders, ToolBox, ToolContext, ToolError,
+                           evaluate)
+
+WEIGHTS = dict(text=1.0, audio=1.0, balance=0.01, z=1e-3, background=1.0)
+
+
+def _bg_batch(lay, rng, B=2, C=4, N=2, T=96):
+  b = random_batch(lay, batch=B, num_chunks=C, seed=int(rng.integers(1 << 30)))
+  items = [target_sequence("calculator", "What is 3 times 4?", "3 * 4 = 12", T),
+           target_sequence("knowledge", "What is the capital of Peru?", "Lima", T)]
+  b["bg_chunk"] = np.array([[int(rng.integers(C)), -1], [1, int(rng.integers(C))]], np.int32)
+  for k, i in (("bg_in", 0), ("bg_target", 1), ("bg_mask", 2)):
+    b[k] = np.stack([np.stack([items[n % 2][i] for n in range(N)])] * B)
+  return b
+
+
+def test_background_loss_finite_and_trains_both_models(rng):
+  config = get_config("tiny,smoke")
+  # One dense layer and no video: the property is the same, the compile 3x shorter.
+  config.model.update(dict(num_layers=1, ffn="dense", dense_hidden=64))
+  config.layout.video_slots = 0
+  cfg = ModelConfig.from_config(config)
+  model = InteractionModel(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  b = _bg_batch(cfg.layout, rng, T=config.background.max_len)
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def bg_loss(params, batch):
+    _, metrics = compute_losses(nnx.merge(graphdef, params), batch, jax.random.key(0), WEIGHTS)
+    return metrics["background"], metrics
+
+  grad_fn = jax.jit(jax.value_and_grad(bg_loss, has_aux=True))
+  (loss, metrics), grads = grad_fn(params, b)
+  assert np.isfinite(float(loss)) and float(loss) > 0
+  assert float(metrics["background_tokens"]) == (b["bg_mask"] & (b["bg_chunk"] >= 0)[..., None]
+                                                 ).sum()
+  norm = lambda tree: float(optax_norm(tree))
+  g = nnx.to_pure_dict(grads)
+  assert norm(g["background"]) > 0
+  # The background loss alone reaches the interaction model (no stop-gradient on its context).
+  assert norm(g["blocks"]) > 0 and norm(g["embed"]) > 0
+  # No delegation in the batch: the term is exactly zero.
+  b["bg_chunk"][:] = -1
+  (loss, _), grads = grad_fn(params, b)
+  assert float(loss) == 0.0 and norm(nnx.to_pure_dict(grads)["background"]) == 0.0
+
+
+def optax_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def test_context_mask_is_the_delegating_chunks_view():
+  lay = ChunkLayout(user_audio=1, self_audio=1, video=0, text_in=1, model_text=1,
+                    model_audio=1, prefix=2)
+  meta = lay.meta(6)
+  m = np.asarray(context_mask(meta, np.array([[4, -1]]), window=2))
+  chunk, seg = meta.chunk[0], meta.segment[0]
+  expect = (seg == 6) | ((chunk <= 4) & (chunk > 2))
+  np.testing.assert_array_equal(m[0, 0], expect)
+  assert not m[0, 1].any()
+
+
+def test_target_sequence_learns_call_and_answer_not_the_result():
+  inp, target, mask = target_sequence("calculator", "What is 3 times 4?", "3 * 4 = 12", 64)
+  dec = tok.ByteTokenizer().decode
+  assert dec(target, show_special=True).startswith(
+      "<tool>calculator:3 * 4<sep><result>3 * 4 = 12<sep>3 * 4 = 12<eot>")
+  assert inp[0] == tok.BOS and (inp[1:] == target[:-1]).all()
+  r = int(np.flatnonzero(target == tok.RESULT)[0])
+  seps = np.flatnonzero(target == tok.SEP)
+  assert not mask[r:seps[1] + 1].any() and mask[:r].all() and mask[seps[1] + 1]
+  assert target[mask].tolist()[-1] == tok.EOT
+
+
+def test_pipeline_background_fields_follow_the_delegate_token():
+  lay = ChunkLayout(user_audio=8, self_audio=8, video=0, text_in=4, model_text=8,
+                    model_audio=4)
+  ex = MicroTurnExample(lay, 10, bg_delegations=2, bg_len=64)
+  target = np.full((30, 8), tok.PAD, np.int32)
+  target[7, 2], target[21, 0] = tok.DELEGATE, tok.DELEGATE
+  events = [dict(kind="delegation", start_s=4.4, end_s=6.0,
+                 data=dict(tool="knowledge", question="What is the capital of Peru?",
+                           result_text="Lima", answer="Lima.")),
+            dict(kind="delegation", start_s=1.6, end_s=3.0,
+                 data=dict(tool="calculator", question="q", result_text="2 + 2 = 4", answer="4"))]
+  items = ex._background(dict(events_json=json.dumps(events)), target)
+  assert [c for c, *_ in items] == [7, 21]
+  crop = ex._crop_background(items, start=3, n=10)
+  assert crop["bg_chunk"].tolist() == [4, -1]
+  assert tok.ByteTokenizer().decode(crop["bg_target"][0]).startswith("calculator:2 + 2")
+
+
+def test_worker_solve_with_tool_and_timeout():
+  enc = tok.ByteTokenizer().encode
+  seen = []
+
+  def generate(context, prompt, stops, chunk):
+    seen.append(list(prompt))
+    if tok.RESULT not in prompt:
+      return [tok.TOOL] + enc("calculator:6 * 7") + [tok.SEP]
+    return enc("6 * 7 = 42") + [tok.EOT]
+
+  job = Job(0, 3, 0.8, context=None)
+  assert solve(generate, ToolBox(), job) == "6 * 7 = 42"
+  assert enc("6 * 7 = 42") == seen[1][-len(enc("6 * 7 = 42")) - 1:-1]  # result fed back
+  hang = threading.Event()
+  slow = ToolBox({"calculator": lambda a, c: hang.wait(10)}, timeout_s=0.2)
+  job = Job(1, 3, 0.8, context=None)
+  assert solve(generate, slow, job).startswith("the tool failed")
+  assert any("timed out" in e.get("error", "") for e in job.events)
+  hang.set()
+  # A worker without a background model reports it instead of failing.
+  w = BackgroundWorker(None, ToolBox())
+  j = w.submit(0, 0.2, None)
+  j.done.wait(5)
+  assert w.poll(10.0, offline=True)[0].answer == "background model unavailable"
+
+
+# ----------------------------------------------------------------------------- tools
+
+def test_calculator_matches_python(rng):
+  for _ in range(50):
+    a, b = (int(x) for x in rng.integers(-999, 999, 2))
+    op = rng.choice(["+", "-", "*", "//", "%"])
+    if op in ("//", "%") and b == 0:
+      b = 7
+    assert evaluate(f"{a} {op} ({b})") == eval(f"{a} {op} ({b})")  # noqa: S307 (reference)
+  assert evaluate("7 times 8") == 56 and evaluate("(2 + 3) * 4 - 1") == 19
+  assert evaluate("1 / 4") == 0.25 and evaluate("2 ** 10") == 1024
+  assert ToolBox().call("calculator", "27 - 26") == "27 - 26 = 1"
+
+
+@pytest.mark.parametrize("expr", ["__import__('os').system('true')", "x + 1", "[1, 2]",
+                                  "(1).real", "2 ** 100000", "1 / 0", "lambda: 1", "'a' * 3"])
+def test_calculator_refuses_non_arithmetic(expr):
+  with pytest.raises(CalculatorError):
+    evaluate(expr)
+  with pytest.raises(ToolError):
+    ToolBox().call("calculator", expr)
+
+
+def test_reminders_fire_at_conversation_time():
+  r = Reminders()
+  r.add(2.0, "later", now_s=1.0)
+  r.add(0.5, "soon", now_s=1.0)
+  assert r.due(1.4) == []
+  assert [x.text for x in r.due(1.5)] == ["soon"]
+  assert r.due(2.9) == [] and [x.text for x in r.due(3.0)] == ["later"] and not r.pending()
+  ctx = ToolContext(now_s=lambda: 10.0)
+  box = ToolBox(ctx=ctx)
+  assert "120" in box.call("timer", "2 minutes")
+  assert ctx.reminders.pending()[0].due_s == 130.0
+  box.call("remind", "1 minute 30 s; call mum")
+  assert [x.text for x in ctx.reminders.due(100.0)] == ["call mum"]
+  assert box.call("clock", "weekday(Saturday + 2)").endswith("= Monday")
+
+
+def test_knowledge_answers_every_fact():
+  box = ToolBox()
+  for q, _, r in FACTS:
+    assert box.call("knowledge", q) == r
+  with pytest.raises(ToolError):
+    box.call("knowledge", "Who won the match yesterday?")
+
+
+def test_chart_png_written(tmp_path):
+  box = ToolBox(ctx=ToolContext(out_dir=str(tmp_path)))
+  out = box.call("chart", "sales; mon=3, tue=5, wed=2")
+  path = out.split(": ", 1)[1]
+  assert os.path.exists(path) and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+  with pytest.raises(ToolError):
+    box.call("chart", "no numbers here")

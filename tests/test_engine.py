@@ -1,0 +1,291 @@
+"""Streaming engine: incremental == full forward, constant memory, the background worker never
+blocks a micro-turn, failures are reported, live mode keeps the output aligned, bad audio fails.
+
+Fast on 2 CPU cores: two tiny models, each compiled once per module.
+"""
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.interaction import get_config
+from tml_jax.audio import io
+from tml_jax.batch import random_batch
+from tml_jax.model.transformer import InteractionModel, ModelConfig
+from tml_jax.serve import Engine, StreamingModel, load_input, serving_config
+from tml_jax.text import tokenizer as tok
+
+
+@pytest.fixture(scope="module")
+def ring_model():
+  """A model whose window (3 chunks) is much shorter than the test sequences, with a prefix."""
+  c = serving_config(get_config("tiny,smoke"))
+  c.layout.update(dict(window=3, prefix_slots=2))
+  c.background.enabled = False
+  model = InteractionModel(ModelConfig.from_config(c), rngs=nnx.Rngs(7))
+  return model, StreamingModel(model, flow_steps=2)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A trainer workdir as the trainer leaves it: config.json + an orbax checkpoint."""
+  import orbax.checkpoint as ocp
+  from tml_jax import sharding as shd
+  from tml_jax.checkpoint import Checkpointer
+  from tml_jax.trainer import Setup
+  w = str(tmp_path_factory.mktemp("workdir"))
+  config = get_config("tiny,smoke")
+  config.seed = 3
+  with open(os.path.join(w, "config.json"), "w") as f:
+    f.write(config.to_json(indent=1))
+  setup = Setup(config, shd.make_mesh(config))
+  ckpt = Checkpointer(w, keep=1, async_save=False)
+  ckpt.manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave(setup.init())))
+  ckpt.close()
+  return w
+
+
+@pytest.fixture(scope="module")
+def engine(workdir):
+  # The workdir's config.json wins over the argument (here a deliberately different variant).
+  return Engine.from_workdir(workdir, "configs/interaction.py:small")
+
+
+def _obs(b, t):
+  return dict(user_dmel=b["user_dmel"][:, t:t + 1], self_dmel=b["self_dmel"][:, t:t + 1],
+              video=b["video"][:, t:t + 1], video_valid=np.bool_(True),
+              text_in=b["text_in"][:, t:t + 1], prefix=b["prefix"])
+
+
+def test_incremental_matches_full_forward(ring_model, rng):
+  """Teacher-forced engine steps reproduce InteractionModel(batch): text logits and the
+  MODEL_AUDIO hidden states, on a sequence of 8 chunks through a 3-chunk ring (it wraps)."""
+  model, sm = ring_model
+  lay, C = model.cfg.layout, 8
+  b = random_batch(lay, batch=1, num_chunks=C, seed=int(rng.integers(1 << 30)))
+  b["model_text_in"][0, :, 1:] = rng.integers(0, tok.VOCAB_SIZE, (C, lay.model_text - 1))
+  full = jax.jit(lambda batch: model(batch))(b)
+  sm.reset()
+  for t in range(C):
+    out = sm.step(_obs(b, t), forced_T=b["model_text_in"][0, t])
+    np.testing.assert_allclose(out["logits"], full.text_logits[0, t], atol=2e-4, rtol=1e-4,
+                               err_msg=f"text logits of chunk {t}")
+    np.testing.assert_allclose(out["audio_cond"], full.audio_cond[0, t], atol=2e-4, rtol=1e-4,
+                               err_msg=f"audio conditioning of chunk {t}")
+  # The check can fail: a wrong window (stale ring entries visible) breaks it.
+  assert C > model.cfg.window + 2
+
+
+def test_free_running_decode_feeds_its_own_tokens(ring_model, rng):
+  """Without forcing, slot j reads the token predicted at j-1 (PAD after EOT): forcing those
+  same tokens gives identical logits."""
+  model, sm = ring_model
+  b = random_batch(model.cfg.layout, batch=1, num_chunks=2, seed=int(rng.integers(1 << 30)))
+  sm.reset()
+  free = sm.step(_obs(b, 0))
+  toks = np.asarray(free["tokens"])
+  sm.reset()
+  forced = sm.step(_obs(b, 0), forced_T=np.concatenate([[tok.BOS], toks[:-1]]))
+  np.testing.assert_allclose(free["logits"], forced["logits"], atol=1e-5)
+
+
+def test_ring_cache_memory_constant(ring_model, rng):
+  model, sm = ring_model
+  b = random_batch(model.cfg.layout, batch=1, num_chunks=1, seed=int(rng.integers(1 << 30)))
+  sm.reset()
+  shapes0 = [(x.shape, x.dtype) for x in jax.tree.leaves(sm.cache)]
+  bytes0 = sm.cache_nbytes()
+  for _ in range(5 * model.cfg.window + 1):
+    sm.step(_obs(b, 0))
+  assert [(x.shape, x.dtype) for x in jax.tree.leaves(sm.cache)] == shapes0
+  assert sm.cache_nbytes() == bytes0
+  # Only the live window (and the prefix) is visible: everything else was overwritten.
+  chunks = np.asarray(sm.cache.meta.chunk)[0, model.cfg.layout.prefix:]
+  assert sorted(set(chunks.tolist())) == list(range(sm.t - model.cfg.window, sm.t))
+
+
+def _speech(rng, seconds):
+  n = int(16000 * seconds) + int(rng.integers(1, 3000))  # not a whole number of chunks
+  t = np.arange(n) / 16000
+  return (0.3 * np.sin(2 * np.pi * 220 * t) * (rng.random(n) > 0.3)).astype(np.float32)
+
+
+def test_offline_outputs_aligned(engine, rng, tmp_path):
+  wav = _speech(rng, 2.0)
+  res = engine.run_wav(wav, str(tmp_path))
+  out, rate = io.load_wav(tmp_path / "output.wav")
+  assert rate == 16000 and out.shape == wav.shape
+  assert np.all(out[:3200] == 0)  # nothing is played before the first chunk's output
+  transcript = json.load(open(tmp_path / "output.json"))
+  assert set(transcript) == {"text", "chunks"}
+  for w in transcript["chunks"]:
+    assert w["timestamp"][0] >= 0.2 and w["timestamp"][1] > w["timestamp"][0]
+  lat = json.load(open(tmp_path / "latency.json"))
+  assert {"p50_ms", "p90_ms", "p99_ms", "real_time_factor"} <= set(lat)
+  assert os.path.getsize(tmp_path / "timeline.png") > 1000
+  assert res["num_chunks"] == -(-wav.size // 3200)
+  # Warm-up compiled everything: no micro-turn, the first included, pays for a compile
+  # (a restored checkpoint's mesh shardings once caused one at chunk 1: ~8 s).
+  assert max(r.compute_ms for r in res["records"]) < 1500, [r.compute_ms for r in res["records"]]
+
+
+def _stub_generate(call: str, answer: str):
+  """A scripted background model: writes `call` as its tool call, then `answer`."""
+  enc = tok.ByteTokenizer().encode
+
+  def generate(context, prompt, stops, chunk):
+    del context, stops, chunk
+    if tok.RESULT not in prompt:
+      return [tok.TOOL] + enc(call) + [tok.SEP]
+    return enc(answer) + [tok.EOT]
+  return generate
+
+
+def _with(engine, **attrs):
+  old = {k: getattr(engine, k) for k in attrs}
+  for k, v in attrs.items():
+    setattr(engine, k, v)
+  return old
+
+
+def test_slow_tool_never_delays_a_micro_turn(engine, rng, tmp_path):
+  sleep_s = 2.0
+
+  def slow_calculator(args, ctx):
+    time.sleep(sleep_s)
+    return f"{args} = 2"
+
+  old = _with(engine, generate=_stub_generate("calculator:1 + 1", "1 + 1 = 2"),
+              tools={"calculator": slow_calculator})
+  try:
+    res = engine.run_wav(_speech(rng, 3.4), str(tmp_path), delegate_at_s=[0.2])
+  finally:
+    _with(engine, **old)
+  ms = np.array([r.compute_ms for r in res["records"]])
+  # Chunks while the tool sleeps: a blocking engine would spend >= 2000 ms in one of them.
+  assert ms[2:].max() < 1000, ms
+  result = [e for e in res["events"] if e["kind"] == "background_result"]
+  assert len(result) == 1 and result[0]["text"] == "1 + 1 = 2"
+  # Delegated at the end of chunk 1 (0.4 s): the answer enters after the tool's 2 s.
+  assert result[0]["time_s"] >= 0.4 + sleep_s
+  assert any(e["kind"] == "tool_result" for e in res["events"])
+
+
+def test_crashing_worker_and_failing_tool_are_reported(engine, rng, tmp_path):
+  def crash(*_):
+    raise RuntimeError("boom")
+
+  old = _with(engine, generate=crash)
+  try:
+    res = engine.run_wav(_speech(rng, 1.2), str(tmp_path), delegate_at_s=[0.0])
+  finally:
+    _with(engine, **old)
+  assert len(res["records"]) == res["num_chunks"]
+  assert any(e["kind"] == "error" and "boom" in e["error"] for e in res["events"])
+  assert any(e["kind"] == "background_result" and e["text"] == "background model unavailable"
+             for e in res["events"])
+
+  def broken(args, ctx):
+    raise ValueError("no network")
+
+  old = _with(engine, generate=_stub_generate("knowledge:capital of Peru", "Lima"),
+              tools={"knowledge": broken})
+  try:
+    res = engine.run_wav(_speech(rng, 1.2), str(tmp_path), delegate_at_s=[0.0])
+  finally:
+    _with(engine, **old)
+  got = [e for e in res["events"] if e["kind"] == "background_result"]
+  assert got and got[0]["text"].startswith("the tool failed")
+  assert any(e["kind"] == "tool_error" for e in res["events"])
+
+
+def test_reminder_fires_at_conversation_time(engine, rng, tmp_path):
+  old = _with(engine, generate=_stub_generate("remind:1 s; stretch", "ok"))
+  try:
+    res = engine.run_wav(_speech(rng, 2.4), str(tmp_path), delegate_at_s=[0.0])
+  finally:
+    _with(engine, **old)
+  fired = [e for e in res["events"] if e["kind"] == "reminder"]
+  assert len(fired) == 1 and fired[0]["text"] == "stretch"
+  # Set at ~0.2 s (end of chunk 0) for 1 s: due ~1.2 s, delivered at the next chunk start.
+  assert 1.2 <= fired[0]["due_s"] < 1.4 and fired[0]["due_s"] <= fired[0]["time_s"] < \
+      fired[0]["due_s"] + 0.2 + 1e-6
+
+
+def test_live_mode_jitter_and_drops_keep_alignment(engine, rng, tmp_path):
+  wav = _speech(rng, 1.6)
+  t0 = time.perf_counter()
+  res = engine.run_wav(wav, str(tmp_path), live=True, speed=4.0, jitter_s=0.15, drop=0.25,
+                       seed=int(rng.integers(1 << 30)))
+  wall = time.perf_counter() - t0
+  out, _ = io.load_wav(tmp_path / "output.wav")
+  assert out.shape == wav.shape
+  assert len(res["records"]) == res["num_chunks"]
+  assert any(e["kind"] == "input_missing" for e in res["events"])
+  # Paced by the (4x) clock: at least the conversation's duration / 4.
+  assert wall >= wav.size / 16000 / 4 * 0.9
+
+
+def test_bad_audio_rejected(engine, tmp_path):
+  wav = np.zeros(16000, np.float32)
+  wav[100] = np.nan
+  with pytest.raises(ValueError, match="NaN"):
+    engine.run_wav(wav, str(tmp_path))
+  path = tmp_path / "odd_rate.wav"
+  io.save_wav(path, np.zeros(4000, np.float32), sample_rate=44101)
+  with pytest.raises(ValueError, match="resample"):
+    load_input(str(path))
+  with pytest.raises(FileNotFoundError, match="input.wav"):
+    load_input(str(tmp_path))
+
+
+def test_run_reuses_engine_on_an_fdb_folder(engine, workdir, rng, tmp_path):
+  from tml_jax.interact import run
+  assert engine.step == 4 and engine.config.model.d_model == 64
+  sample = tmp_path / "sample"
+  sample.mkdir()
+  wav = _speech(rng, 1.0)
+  io.save_wav(sample / "input.wav", wav)
+  np.save(sample / "video.npy", rng.integers(0, 255, (3, 120, 120, 3), dtype=np.uint8))
+  out = run(workdir, str(sample), str(tmp_path / "out"), engine=engine)
+  assert out["num_chunks"] == -(-wav.size // 3200)
+  assert io.load_wav(out["files"]["wav"])[0].shape == wav.shape
+
+
+def test_model_emitted_delegate_triggers_the_worker(engine, rng, tmp_path):
+  """The trigger is the DELEGATE token in the decoded text (here injected into chunk 2's
+  output); the job gets the context of that chunk."""
+  real_step = engine.stream.step
+  calls = []
+
+  def step(obs, **kw):
+    out = dict(real_step(obs, **kw))
+    calls.append(1)
+    if len(calls) == 3:
+      out["tokens"] = np.asarray(out["tokens"]).copy()
+      out["tokens"][0] = tok.DELEGATE
+    return out
+
+  old = _with(engine, generate=_stub_generate("calculator:2 * 3", "2 * 3 = 6"))
+  engine.stream.step = step
+  try:
+    res = engine.run_wav(_speech(rng, 1.6), str(tmp_path))
+  finally:
+    engine.stream.step = real_step
+    _with(engine, **old)
+  deleg = [e for e in res["events"] if e["kind"] == "delegation"]
+  assert len(deleg) == 1 and deleg[0]["chunk"] == 2 and not deleg[0]["forced"]
+  assert [e["text"] for e in res["events"] if e["kind"] == "background_result"] == ["2 * 3 = 6"]
+
+
+def test_capacity_moe_is_refused_for_streaming():
+  c = get_config("tiny,smoke")
+  c.model.moe_impl = "einsum"
+  model = InteractionModel(ModelConfig.from_config(c), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="dropless"):
+    StreamingModel(model, flow_steps=1)

@@ -1,0 +1,197 @@
+"""BackgroundModel (DESIGN §5): a small decoder that reads the interaction model's context.
+
+When the interaction model emits DELEGATE in chunk t, the background model gets the final
+hidden states of everything that chunk could see (chunks (t-W, t] and the prefix) and writes
+
+    TOOL name:args SEP  RESULT tool output SEP  answer EOT
+
+where the `RESULT ... SEP` part is inserted by the tool runner (teacher-forced and never a
+target in training). The answer enters the interaction sequence as TEXT_IN (`RESULT answer`,
+the format of the corpus' background results) when it is really finished.
+
+Each layer: causal self-attention over its own text (RoPE), cross-attention to the projected
+context (no positions: the context already carries them), SwiGLU. The context is not
+stop-gradiented, so the background loss also trains the interaction model's representations.
+
+Shapes: B batch, N delegations per row, T text length, L context length, D background width,
+Dc interaction width, H heads, Dh head width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from tml_jax.layout import Segment, TokenMeta
+from tml_jax.model.layers import DTYPES, RMSNorm, fan_in_init, param, rope
+from tml_jax.model.moe import DenseFFN, FFNConfig
+from tml_jax.text import tokenizer as tok
+
+
+@dataclasses.dataclass(frozen=True)
+class BackgroundConfig:
+  d_model: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  head_dim: int = 32
+  hidden: int = 512
+  max_len: int = 128
+  context_dim: int = 256
+  vocab_size: int = tok.VOCAB_SIZE
+  param_dtype: str = "float32"
+
+  @classmethod
+  def from_config(cls, config) -> "BackgroundConfig | None":
+    b = config.get("background")
+    if b is None or not b.get("enabled", False):
+      return None
+    return cls(d_model=b.d_model, num_layers=b.num_layers, num_heads=b.num_heads,
+               head_dim=b.head_dim, hidden=b.hidden, max_len=b.max_len,
+               context_dim=config.model.d_model, vocab_size=config.model.vocab_size,
+               param_dtype=config.model.param_dtype)
+
+
+def _attend(q_BNTHD, k_BNSHD, v_BNSHD, mask_BNTS):
+  logits = jnp.einsum("bnthd,bnshd->bnhts", q_BNTHD, k_BNSHD) / jnp.sqrt(
+      jnp.float32(q_BNTHD.shape[-1]))
+  m = mask_BNTS[:, :, None]
+  probs = jnp.where(m, jax.nn.softmax(jnp.where(m, logits, -1e30), axis=-1), 0.0)
+  return jnp.einsum("bnhts,bnshd->bnthd", probs, v_BNSHD)
+
+
+class BackgroundLayer(nnx.Module):
+
+  def __init__(self, cfg: BackgroundConfig, *, rngs: nnx.Rngs):
+    D, H, Dh, pd = cfg.d_model, cfg.num_heads, cfg.head_dim, DTYPES[cfg.param_dtype]
+    proj = lambda: param(rngs, fan_in_init(D), (D, H, Dh), ("embed", "heads", "head_dim"), pd)
+    out = lambda: param(rngs, fan_in_init(H * Dh), (H, Dh, D), ("heads", "head_dim", "embed"),
+                        pd)
+    self.self_norm = RMSNorm(D, param_dtype=pd, rngs=rngs)
+    self.sq, self.sk, self.sv, self.so = proj(), proj(), proj(), out()
+    self.cross_norm = RMSNorm(D, param_dtype=pd, rngs=rngs)
+    self.cq, self.ck, self.cv, self.co = proj(), proj(), proj(), out()
+    self.mlp_norm = RMSNorm(D, param_dtype=pd, rngs=rngs)
+    # Named `mlp`, not `ffn`: count_params treats w_gate/w_up/w_down under `ffn` as experts.
+    self.mlp = DenseFFN(FFNConfig(D, cfg.hidden, "float32", cfg.param_dtype), rngs=rngs)
+
+  def context_kv(self, ctx_BLD):
+    f = lambda w: jnp.einsum("bld,dhk->blhk", ctx_BLD, w[...].astype(jnp.float32))
+    return f(self.ck), f(self.cv)
+
+  def __call__(self, x_BNTD, ctx_kv, ctx_mask_BNL, positions_T):
+    B, N, T, D = x_BNTD.shape
+    f32 = lambda w: w[...].astype(jnp.float32)
+    h = self.self_norm(x_BNTD).reshape(B * N, T, D)
+    pos = jnp.broadcast_to(positions_T[None], (B * N, T))
+    q = rope(jnp.einsum("btd,dhk->bthk", h, f32(self.sq)), pos, 10_000.0)
+    k = rope(jnp.einsum("btd,dhk->bthk", h, f32(self.sk)), pos, 10_000.0)
+    v = jnp.einsum("btd,dhk->bthk", h, f32(self.sv))
+    causal = jnp.tril(jnp.ones((T, T), bool))[None, None]
+    split = lambda a: a.reshape(B, N, *a.shape[1:])
+    o = _attend(split(q), split(k), split(v), jnp.broadcast_to(causal, (B, N, T, T)))
+    x = x_BNTD + jnp.einsum("bnthk,hkd->bntd", o, f32(self.so))
+
+    h = self.cross_norm(x)
+    q = jnp.einsum("bntd,dhk->bnthk", h, f32(self.cq))
+    k_BLHK, v_BLHK = ctx_kv
+    L = k_BLHK.shape[1]
+    kn = jnp.broadcast_to(k_BLHK[:, None], (B, N, *k_BLHK.shape[1:]))
+    vn = jnp.broadcast_to(v_BLHK[:, None], (B, N, *v_BLHK.shape[1:]))
+    mask = jnp.broadcast_to(ctx_mask_BNL[:, :, None, :], (B, N, T, L))
+    o = _attend(q, kn, vn, mask)
+    x = x + jnp.einsum("bnthk,hkd->bntd", o, f32(self.co))
+    y, _ = self.mlp(self.mlp_norm(x))
+    return x + y
+
+
+class BackgroundModel(nnx.Module):
+
+  def __init__(self, cfg: BackgroundConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = DTYPES[cfg.param_dtype]
+    self.ctx_norm = RMSNorm(cfg.context_dim, param_dtype=pd, rngs=rngs)
+    self.ctx_proj = param(rngs, fan_in_init(cfg.context_dim), (cfg.context_dim, cfg.d_model),
+                          (None, "embed"), pd)
+    self.embed = param(rngs, jax.nn.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model),
+                       ("vocab", "embed"), pd)
+    self.layers = nnx.List([BackgroundLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, param_dtype=pd, rngs=rngs)
+    self.unembed = param(rngs, fan_in_init(cfg.d_model), (cfg.d_model, cfg.vocab_size),
+                         ("embed", "vocab"), pd)
+
+  def encode_context(self, ctx_BLDc):
+    """Per-layer cross-attention keys/values of the interaction model's hidden states."""
+    c = self.ctx_norm(ctx_BLDc.astype(jnp.float32)) @ self.ctx_proj[...].astype(jnp.float32)
+    return [layer.context_kv(c) for layer in self.layers]
+
+  def decode(self, tokens_BNT, ctx_kvs, ctx_mask_BNL):
+    """Logits [B, N, T, V] of the next token at every position (teacher forcing)."""
+    T = tokens_BNT.shape[-1]
+    x = jnp.take(self.embed[...].astype(jnp.float32), tokens_BNT, axis=0)
+    positions = jnp.arange(T, dtype=jnp.int32)
+    for layer, kv in zip(self.layers, ctx_kvs):
+      x = layer(x, kv, ctx_mask_BNL, positions)
+    return self.final_norm(x) @ self.unembed[...].astype(jnp.float32)
+
+  def __call__(self, tokens_BNT, ctx_BLDc, ctx_mask_BNL):
+    return self.decode(tokens_BNT, self.encode_context(ctx_BLDc), ctx_mask_BNL)
+
+
+def context_mask(meta: TokenMeta, chunk_BN, window: int | None):
+  """[B, N, L]: the tokens a delegation made in chunk c may read: those chunk c could see
+  (chunks (c-W, c] and the prefix), whole chunks (its own predictions included). c < 0: none."""
+  ch = jnp.asarray(meta.chunk)[:, None, :]
+  c = jnp.asarray(chunk_BN)[:, :, None]
+  seen = ch <= c
+  if window is not None:
+    seen = seen & ((c - ch < window) | (jnp.asarray(meta.segment)[:, None, :]
+                                        == int(Segment.PREFIX)))
+  return seen & jnp.asarray(meta.valid)[:, None, :] & (c >= 0)
+
+
+def background_loss(bg: BackgroundModel, hidden_BLD, meta: TokenMeta, batch, window):
+  """Teacher-forced cross-entropy of the background targets (0 when the batch has none)."""
+  tokens, target = jnp.asarray(batch["bg_in"]), jnp.asarray(batch["bg_target"])
+  mask = jnp.asarray(batch["bg_mask"]) & (jnp.asarray(batch["bg_chunk"]) >= 0)[..., None]
+  logits = bg(tokens, hidden_BLD, context_mask(meta, batch["bg_chunk"], window))
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, target)
+  n = jnp.sum(mask).astype(jnp.float32)
+  return jnp.sum(ce * mask) / jnp.maximum(n, 1.0), n
+
+
+# ----------------------------------------------------------------------------- targets
+
+def tool_call(tool: str, question: str, result_text: str) -> tuple[str, str]:
+  """(name, args) of the call that answers a corpus delegation (tml_jax.data.scenarios)."""
+  if tool in ("calculator", "clock"):
+    return tool, result_text.split(" = ")[0].strip()
+  return tool, question
+
+
+def target_sequence(tool: str, question: str, result_text: str,
+                    max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(inputs, targets, loss mask) [max_len] of one delegation.
+
+  Sequence: TOOL name:args SEP RESULT result SEP answer EOT, answer = the result text (what
+  the corpus feeds back as TEXT_IN). The RESULT ... SEP span is the tool runner's, so it is
+  input only. Truncated to max_len; padding is PAD with mask False.
+  """
+  enc = tok.ByteTokenizer().encode
+  name, args = tool_call(tool, question, result_text)
+  call = [tok.TOOL] + enc(f"{name}:{args}") + [tok.SEP]
+  result = [tok.RESULT] + enc(result_text) + [tok.SEP]
+  answer = enc(result_text) + [tok.EOT]
+  seq = call + result + answer
+  learn = [True] * len(call) + [False] * len(result) + [True] * len(answer)
+  seq, learn = seq[:max_len], learn[:max_len]
+  target = np.full((max_len,), tok.PAD, np.int32)
+  target[:len(seq)] = seq
+  mask = np.zeros((max_len,), bool)
+  mask[:len(seq)] = learn
+  inputs = np.concatenate([[tok.BOS], target[:-1]]).astype(np.int32)
+  return inputs, target, mask
