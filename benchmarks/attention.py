@@ -47,20 +47,9 @@ import numpy as np
 
 from kernels_pallas import microturn_attention as mta
 from tml_jax.layout import ChunkLayout, TokenMeta
+from tml_jax.timing import timeit
 
 BLOCK = 128
-
-
-def timeit(fn, *args, reps=10, warmup=2):
-  """Median wall seconds of a jitted call (compile and warm-up excluded)."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def row_meta(num_chunks: int, prefix: int, batch: int = 1,

@@ -47,20 +47,9 @@ from flax import nnx
 from kernels_pallas import gmm as gmm_lib
 from kernels_pallas import routing
 from tml_jax.model.moe import FFNConfig, DenseFFN, MoE, MoEConfig
+from tml_jax.timing import timeit
 
 D_MODEL = 2048
-
-
-def timeit(fn, *args, reps=10, warmup=2):
-  """Median wall seconds of a jitted call (compile and warm-up excluded)."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def group_sizes_for(m: int, num_experts: int, skewed: bool) -> np.ndarray:
