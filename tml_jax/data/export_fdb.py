@@ -79,14 +79,6 @@ from ml_collections import config_flags
 
 from tml_jax.data import conversation as conv_lib
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/interaction.py:tiny", "Experiment config (its data section).",
-    lock_config=True)
-_SPLIT = flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split.")
-_OUT = flags.DEFINE_string("out", None, "Output root of the benchmark layout.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Read a built corpus instead of generating.")
-_PER_TASK = flags.DEFINE_integer("per_task", None,
-                                 "Samples per task when generating (default num_<split>).")
 
 SR = conv_lib.SAMPLE_RATE
 TAIL_S = 4.0  # silence after the last user speech in turn-taking / interruption samples
@@ -356,4 +348,13 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags live here so that importing export() (e.g. from tml_jax.main) defines none.
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", "configs/interaction.py:tiny", "Experiment config (its data section).",
+      lock_config=True)
+  _SPLIT = flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "Split.")
+  _OUT = flags.DEFINE_string("out", None, "Output root of the benchmark layout.")
+  _DATA_DIR = flags.DEFINE_string("data_dir", None, "Read a built corpus instead of generating.")
+  _PER_TASK = flags.DEFINE_integer("per_task", None,
+                                   "Samples per task when generating (default num_<split>).")
   app.run(main)
