@@ -24,14 +24,6 @@ from absl import app, flags
 
 from tml_jax.serve.engine import Engine
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Trainer workdir (checkpoints/, config.json).")
-_INPUT = flags.DEFINE_string("input", None, "16 kHz wav or Full-Duplex-Bench sample folder.")
-_OUT = flags.DEFINE_string("out", None, "Output folder.")
-_CONFIG = flags.DEFINE_string("config", None, "path:variant when W/config.json is missing "
-                              "(default configs/interaction.py:tiny).")
-_LIVE = flags.DEFINE_bool("live", False, "Pace by the wall clock (late input = silence).")
-_TEMPERATURE = flags.DEFINE_float("temperature", None, "Text sampling temperature (0 = greedy).")
-_DELEGATE_AT = flags.DEFINE_list("delegate_at_s", [], "Force delegations at these times (demo).")
 
 
 def run(workdir: str, input_path: str, out_dir: str, *, config=None, live: bool = False,
@@ -60,4 +52,13 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags live here so that importing run() (e.g. from the evaluation harness) defines none.
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Trainer workdir (checkpoints/, config.json).")
+  _INPUT = flags.DEFINE_string("input", None, "16 kHz wav or Full-Duplex-Bench sample folder.")
+  _OUT = flags.DEFINE_string("out", None, "Output folder.")
+  _CONFIG = flags.DEFINE_string("config", None, "path:variant when W/config.json is missing "
+                                "(default configs/interaction.py:tiny).")
+  _LIVE = flags.DEFINE_bool("live", False, "Pace by the wall clock (late input = silence).")
+  _TEMPERATURE = flags.DEFINE_float("temperature", None, "Text sampling temperature (0 = greedy).")
+  _DELEGATE_AT = flags.DEFINE_list("delegate_at_s", [], "Force delegations at these times (demo).")
   app.run(main)
