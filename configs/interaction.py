@@ -1,10 +1,18 @@
 r"""Interaction model configs: `get_config("VARIANT[,MODIFIER...]")`.
 
 Variants
-  tiny       CPU, ~13 M parameters (8 experts, top-2), trains in 20 minutes on 2 cores.
+  tiny       CPU, 14.4 M parameters (8 experts, top-2; 5.6 M active), 20 minutes on 2 cores.
+             python -m tml_jax.main --config=configs/interaction.py:tiny --workdir=runs/tiny
+             # expected (2 idle cores, jax 0.11.2): ~0.2 steps/s, the 20-minute budget stops
+             # at ~237 of 240 steps; validation text cross-entropy ~1.15 nats (unigram
+             # baseline 2.28), teacher-forced byte accuracy ~0.43, sampled mel L1 ~0.55
+             # log10 (silence / per-channel median baseline 1.53), flow loss 1.44 -> ~0.19.
+             # Behaviour (runs/tiny/eval/report.md) is far from the issue's goals at this
+             # budget: turn-taking TOR ~0.5 with ~3.4 s latency, pause-handling TOR ~0.13.
              python -m tml_jax.params --config=configs/interaction.py:tiny
              python -m tml_jax.demo --config=configs/interaction.py:tiny --out=out/demo
-  small      one GPU, ~1.9 B total / ~0.56 B active parameters.
+  small      one GPU, 1.95 B total / 0.59 B active parameters.
+             python -m tml_jax.train --config=configs/interaction.py:small --workdir=runs/small
              python -m tml_jax.params --config=configs/interaction.py:small
   tml_small  the reference system's scale: 276 B total / 12 B active. Never materialised;
              checked by parameter counting under `jax.eval_shape`.
