@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from tml_jax.layout import ChunkLayout, TokenMeta
+from tml_jax.layout import ChunkLayout
 from tml_jax.text import tokenizer
 
 
 def random_batch(layout: ChunkLayout, *, batch: int, num_chunks: int, seed: int = 0,
-                 num_docs: int = 1, pad_chunks: int = 0, patch_size: int = 40,
-                 vocab_size: int = tokenizer.VOCAB_SIZE) -> dict:
+                 num_docs: int = 1, pad_chunks: int = 0, patch_size: int = 40) -> dict:
   """A batch of random streams; `num_docs` conversations packed per row, the last
   `pad_chunks` chunks of each row marked invalid. Includes training targets."""
   rng = np.random.default_rng(seed)
@@ -43,11 +42,6 @@ def random_batch(layout: ChunkLayout, *, batch: int, num_chunks: int, seed: int 
       audio_mask=valid_BC.copy(),
       meta=layout.meta(C, batch=B, doc_BC=doc_BC, valid_BC=valid_BC),
   )
-  del vocab_size
   if layout.prefix:
     out["prefix"] = rng.integers(0, 256, (B, layout.prefix), dtype=np.int32)
   return out
-
-
-def as_meta(m) -> TokenMeta:
-  return TokenMeta(*m)

@@ -42,9 +42,7 @@ def main(argv):
         f"finite={bool(jnp.all(jnp.isfinite(out.hidden)))}")
   print(f"text logits {tuple(out.text_logits.shape)}, audio conditions "
         f"{tuple(out.audio_cond.shape)}, moe balance={float(out.aux.get('balance', 0)):.3f}")
-  mel = cfg_sample = model.flow.sample(out.audio_cond[0, :1], jax.random.key(0),
-                                       config.model.flow_steps)
-  del cfg_sample
+  mel = model.flow.sample(out.audio_cond[0, :1], jax.random.key(0), config.model.flow_steps)
   print(f"flow head sample (untrained) {tuple(mel.shape)}")
   os.makedirs(_OUT.value, exist_ok=True)
   meta = TokenMeta(*(np.asarray(f)[:, :min(L, 8 * cfg.layout.chunk_len)] for f in batch["meta"]))
