@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas import microturn_attention as mta
-from tml_jax.layout import ChunkLayout, TokenMeta
+from tml_jax.microturn import ChunkLayout, TokenMeta
 from tml_jax.timing import timeit
 
 BLOCK = 128

@@ -40,7 +40,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from tml_jax.layout import Segment, TokenMeta, microturn_mask
+from tml_jax.microturn import Segment, TokenMeta, microturn_mask
 
 # Finite "minus infinity": keeps exp(m_old - m_new) free of inf - inf = NaN.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -116,7 +116,7 @@ class BlockSchedule(NamedTuple):
 
 
 def _is_pred(segment):
-  # Same partition as `tml_jax.layout._is_obs`: everything that is not an observation.
+  # Same partition as `tml_jax.microturn._is_obs`: everything that is not an observation.
   return ~((segment <= int(Segment.TEXT_IN)) | (segment == int(Segment.PREFIX)))
 
 

@@ -14,9 +14,10 @@ from configs.interaction import get_config
 from tml_jax.batch import random_batch
 from tml_jax.data.pipeline import MicroTurnExample
 from tml_jax.data.templates import FACTS
-from tml_jax.layout import ChunkLayout
+from tml_jax.microturn import ChunkLayout
 from tml_jax.losses import compute_losses
-from tml_jax.model.background import context_mask, target_sequence
+from tml_jax.microturn import context_mask
+from tml_jax.model.background import target_sequence
 from tml_jax.model.transformer import InteractionModel, ModelConfig
 from tml_jax.serve.worker import BackgroundWorker, Job, solve
 from tml_jax.text import tokenizer as tok

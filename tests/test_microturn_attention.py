@@ -16,7 +16,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from kernels_pallas import microturn_attention as mta
-from tml_jax.layout import ChunkLayout, TokenMeta, microturn_mask
+from tml_jax.microturn import ChunkLayout, TokenMeta, microturn_mask
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

@@ -10,7 +10,7 @@ from flax import nnx
 from configs.interaction import get_config
 from tml_jax.batch import random_batch
 from tml_jax.config import ConfigError, validate
-from tml_jax.layout import Segment, TokenMeta
+from tml_jax.microturn import Segment, TokenMeta
 from tml_jax.model.flow import FlowConfig, FlowHead
 from tml_jax.model.moe import MoE, MoEConfig, balance_loss
 from tml_jax.model.transformer import InteractionModel, ModelConfig, count_params

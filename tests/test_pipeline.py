@@ -3,7 +3,7 @@
 import numpy as np
 
 from tml_jax.data import pipeline, tml_duplex
-from tml_jax.layout import ChunkLayout, Segment
+from tml_jax.microturn import ChunkLayout, Segment
 from tml_jax.text import tokenizer as tok
 
 

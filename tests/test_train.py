@@ -161,7 +161,7 @@ MESH_SCRIPT = textwrap.dedent("""
     config = get_config("tiny,smoke")
     config.model.moe_impl = sys.argv[1]
     config.train.batch_size = 8
-    batch = random_batch(__import__("tml_jax.layout", fromlist=["x"]).ChunkLayout.from_config(
+    batch = random_batch(__import__("tml_jax.microturn", fromlist=["x"]).ChunkLayout.from_config(
         config.layout), batch=8, num_chunks=6, num_docs=2, pad_chunks=1, seed=int(sys.argv[2]))
     out = {}
     for name, mesh_cfg, devs in (("one", dict(data=1, fsdp=1, expert=1, tensor=1), jax.devices()[:1]),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tml_jax.layout import ChunkLayout
+from tml_jax.microturn import ChunkLayout
 from tml_jax.text import tokenizer
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tml_jax.layout import frames_per_chunk
+from tml_jax.microturn import frames_per_chunk
 
 
 class ConfigError(ValueError):

@@ -14,7 +14,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from tml_jax.batch import random_batch
-from tml_jax.layout import TokenMeta, render_mask_png
+from tml_jax.microturn import TokenMeta, render_mask_png
 from tml_jax.model.transformer import InteractionModel, ModelConfig, count_params
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (path:variant).")

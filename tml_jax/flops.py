@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tml_jax.layout import Segment, TokenMeta, microturn_mask
+from tml_jax.microturn import Segment, TokenMeta, microturn_mask
 
 
 def forward_flops(cfg, meta: TokenMeta) -> float:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tml_jax.layout import Segment, TokenMeta
+from tml_jax.microturn import Segment, TokenMeta
 from tml_jax.model.background import background_loss
 from tml_jax.model.flow import denormalize_mel, normalize_mel
 from tml_jax.text import tokenizer as tok

@@ -27,7 +27,7 @@ from flax import nnx
 
 from tml_jax import sharding as shd
 from tml_jax.config import validate
-from tml_jax.layout import TokenMeta
+from tml_jax.microturn import TokenMeta
 from tml_jax.losses import compute_losses, sampled_audio_l1
 from tml_jax.model.transformer import InteractionModel, ModelConfig, count_params
 

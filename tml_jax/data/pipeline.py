@@ -21,24 +21,10 @@ import math
 import grain
 import numpy as np
 
-from tml_jax.layout import ChunkLayout, Segment, TokenMeta
+from tml_jax.microturn import ChunkLayout, Segment, TextFifo, TokenMeta
 from tml_jax.text import tokenizer as tok
 from tml_jax.vision import patches as patch_lib
 from tml_jax.vision import synthetic
-
-
-def _fifo(items_per_chunk: list[list[int]], slots: int, reserve_eot: bool) -> np.ndarray:
-  """Lay token lists arriving per chunk into `slots` per chunk, first come first served."""
-  out = np.full((len(items_per_chunk), slots), tok.PAD, np.int32)
-  queue: list[int] = []
-  room = slots - 1 if reserve_eot else slots
-  for c, items in enumerate(items_per_chunk):
-    queue.extend(items)
-    take, queue = queue[:room], queue[room:]
-    out[c, :len(take)] = take
-    if reserve_eot:
-      out[c, len(take)] = tok.EOT
-  return out
 
 
 def _text(x) -> str:
@@ -80,7 +66,7 @@ class MicroTurnExample(grain.transforms.RandomMap):
         said[chunk_of(e["start_s"])].append((float(e["start_s"]), [tok.DELEGATE]))
     said = [[t for _, ids in sorted(items, key=lambda x: x[0]) for t in ids] for items in said]
     # Chunk t predicts chunk t+1; the last chunk's target would lie outside the recording.
-    target = _fifo(said[1:] + [[]], lay.model_text, reserve_eot=True)
+    target = TextFifo.layout(said[1:] + [[]], lay.model_text, reserve_eot=True)
     out["model_text_target"] = target
     out["model_text_in"] = np.concatenate(
         [np.full((total, 1), tok.BOS, np.int32), target[:, :-1]], axis=1)
@@ -91,7 +77,7 @@ class MicroTurnExample(grain.transforms.RandomMap):
     for t, text in zip(record["text_in_s"], record["text_in_text"]):
       arriving[chunk_of(float(t))].extend([tok.RESULT] + tok.ByteTokenizer().encode(
           _text(text)))
-    out["text_in"] = _fifo(arriving, lay.text_in, reserve_eot=False)
+    out["text_in"] = TextFifo.layout(arriving, lay.text_in)
 
     mel = per_chunk(record["model_mel"]).astype(np.float32)  # [total, F, 80]
     A = lay.model_audio

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tml_jax.layout import TokenMeta, microturn_mask
+from tml_jax.microturn import TokenMeta, microturn_mask
 from tml_jax.model.layers import DTYPES, fan_in_init, param, rope
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tml_jax.layout import Segment, TokenMeta
+from tml_jax.microturn import TokenMeta, context_mask
 from tml_jax.model.layers import DTYPES, RMSNorm, fan_in_init, param, rope
 from tml_jax.model.moe import DenseFFN, FFNConfig
 from tml_jax.text import tokenizer as tok
@@ -140,18 +140,6 @@ class BackgroundModel(nnx.Module):
 
   def __call__(self, tokens_BNT, ctx_BLDc, ctx_mask_BNL):
     return self.decode(tokens_BNT, self.encode_context(ctx_BLDc), ctx_mask_BNL)
-
-
-def context_mask(meta: TokenMeta, chunk_BN, window: int | None):
-  """[B, N, L]: the tokens a delegation made in chunk c may read: those chunk c could see
-  (chunks (c-W, c] and the prefix), whole chunks (its own predictions included). c < 0: none."""
-  ch = jnp.asarray(meta.chunk)[:, None, :]
-  c = jnp.asarray(chunk_BN)[:, :, None]
-  seen = ch <= c
-  if window is not None:
-    seen = seen & ((c - ch < window) | (jnp.asarray(meta.segment)[:, None, :]
-                                        == int(Segment.PREFIX)))
-  return seen & jnp.asarray(meta.valid)[:, None, :] & (c >= 0)
 
 
 def background_loss(bg: BackgroundModel, hidden_BLD, meta: TokenMeta, batch, window):

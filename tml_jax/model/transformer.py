@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tml_jax.layout import ChunkLayout, Segment, TokenMeta
+from tml_jax.microturn import ChunkLayout, Segment, TokenMeta
 from tml_jax.model.attention import Attention, AttentionConfig
 from tml_jax.model.background import BackgroundConfig, BackgroundModel
 from tml_jax.model.embed import Embeddings
@@ -33,8 +33,7 @@ from tml_jax.model.moe import DenseFFN, FFNConfig, MoE, MoEConfig
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  layout: ChunkLayout
-  window: int | None
+  layout: ChunkLayout            # slot counts and the attention window
   d_model: int
   num_layers: int
   attention: AttentionConfig
@@ -52,6 +51,10 @@ class ModelConfig:
   norm_eps: float = 1e-6
   background: BackgroundConfig | None = None  # config.background (issue 7), None = off
 
+  @property
+  def window(self) -> int | None:
+    return self.layout.window
+
   @classmethod
   def from_config(cls, config) -> "ModelConfig":
     from tml_jax.config import validate
@@ -59,7 +62,7 @@ class ModelConfig:
     m, lay = config.model, ChunkLayout.from_config(config.layout)
     fpq = lay.user_audio // lay.model_audio
     return cls(
-        layout=lay, window=config.layout.window, d_model=m.d_model, num_layers=m.num_layers,
+        layout=lay, d_model=m.d_model, num_layers=m.num_layers,
         attention=AttentionConfig(m.d_model, m.num_heads, m.num_kv_heads, m.head_dim,
                                   m.rope_theta, m.attention_backend, m.dtype, m.param_dtype),
         ffn=m.ffn,

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from tml_jax.audio import dmel, io, vocoder
-from tml_jax.layout import ChunkLayout
+from tml_jax.microturn import ChunkLayout
 from tml_jax.serve import outputs
 from tml_jax.serve.stream import StreamingModel, serving_config
 from tml_jax.serve.worker import BackgroundWorker, ModelGenerator

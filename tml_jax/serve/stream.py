@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tml_jax.layout import CHUNK_SEGMENTS, Segment, TokenMeta
+from tml_jax.microturn import CHUNK_SEGMENTS, Segment, TokenMeta
 from tml_jax.model.attention import dense_attention
 from tml_jax.model.flow import denormalize_mel
 from tml_jax.model.transformer import InteractionModel, ModelConfig

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tml_jax.model.background import BackgroundModel, context_mask
+from tml_jax.microturn import context_mask
+from tml_jax.model.background import BackgroundModel
 from tml_jax.text import tokenizer as tok
 from tml_jax.tools import ToolBox, ToolError
 

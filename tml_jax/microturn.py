@@ -1,9 +1,15 @@
-"""The micro-turn sequence: token metadata, chunk-major packing and the attention mask.
+"""The micro-turn contract in one file: streams, token metadata, packing, text queues, masks.
 
-DESIGN §4 is the contract. A sequence is an optional PREFIX block followed by `num_chunks`
-chunks; every chunk has the same fixed slot counts per segment, in the order of `Segment`
-(observations first, then predictions). Shapes are static per config, so the position of
-every segment inside the flat sequence is known at trace time and packing is a reshape.
+docs/design.md §3-4 describe it; nothing else in the code base defines any of it. A sequence
+is an optional PREFIX block followed by `num_chunks` chunks; every chunk has the same fixed
+slot counts per segment, in the order of `Segment` (observations first, then predictions).
+Shapes are static per config, so the position of every segment inside the flat sequence is
+known at trace time and packing is a reshape.
+
+Reading order: `Segment` and `is_observation`; `TokenMeta`; `ChunkLayout` (slot counts,
+window, metadata builders, pack/unpack); `TextFifo` (how text arriving per chunk fills the
+fixed slots, for training rows and for the live engine alike); `microturn_mask`, the
+background model's `context_mask`; `render_mask_png`.
 
 Shape legend: B batch, C chunks, S slots of one segment, K = chunk_len, L = flat length,
 P prefix length, D features.
@@ -37,6 +43,13 @@ OBSERVATIONS = (Segment.USER_AUDIO, Segment.SELF_AUDIO, Segment.VIDEO, Segment.T
 PREDICTIONS = (Segment.MODEL_TEXT, Segment.MODEL_AUDIO)
 
 
+def is_observation(segment):
+  """True for observation segment ids (0-3 and PREFIX), False for predictions (4-5).
+
+  Works on Python ints, numpy and jax arrays (traced values included)."""
+  return (segment <= int(Segment.TEXT_IN)) | (segment == int(Segment.PREFIX))
+
+
 class TokenMeta(NamedTuple):
   """Per-token metadata, each field `[batch, length]` (a pytree, so it passes through jit)."""
   chunk: jnp.ndarray    # int32, time index (chunk t covers [t*chunk_ms, (t+1)*chunk_ms))
@@ -67,7 +80,10 @@ def frames_per_chunk(chunk_ms: int, sample_rate: int, hop: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class ChunkLayout:
-  """Slot counts of one chunk (DESIGN §4) plus the optional prefix block."""
+  """Slot counts of one chunk, the optional prefix block, and the attention window.
+
+  window: how many chunks back a query may look (mask rule 1); None = unbounded.
+  """
   user_audio: int = 8
   self_audio: int = 8
   video: int = 4
@@ -75,13 +91,15 @@ class ChunkLayout:
   model_text: int = 12
   model_audio: int = 8
   prefix: int = 0
+  window: int | None = None
 
   @classmethod
   def from_config(cls, layout_cfg) -> "ChunkLayout":
     frames = frames_per_chunk(layout_cfg.chunk_ms, layout_cfg.sample_rate, layout_cfg.hop)
     return cls(user_audio=frames, self_audio=frames, video=layout_cfg.video_slots,
                text_in=layout_cfg.text_in_slots, model_text=layout_cfg.model_text_slots,
-               model_audio=layout_cfg.model_audio_slots, prefix=layout_cfg.prefix_slots)
+               model_audio=layout_cfg.model_audio_slots, prefix=layout_cfg.prefix_slots,
+               window=layout_cfg.get("window", None))
 
   def slots(self, segment: Segment) -> int:
     return {Segment.USER_AUDIO: self.user_audio, Segment.SELF_AUDIO: self.self_audio,
@@ -112,6 +130,24 @@ class ChunkLayout:
                       self.chunk_len)
     return dict(chunk=chunk, segment=np.tile(seg_K, num_chunks),
                 slot=np.tile(np.arange(self.chunk_len, dtype=np.int32), num_chunks))
+
+  def chunk_token_meta(self, t, video_valid=True) -> TokenMeta:
+    """jnp `TokenMeta` [1, K] of the one chunk t (serving; t and video_valid may be traced)."""
+    cm = self.chunk_meta(1)
+    seg_K = jnp.asarray(cm["segment"])
+    valid = jnp.where(seg_K == int(Segment.VIDEO), video_valid, True)
+    K = self.chunk_len
+    return TokenMeta(chunk=jnp.full((1, K), t, jnp.int32), segment=seg_K[None],
+                     slot=jnp.asarray(cm["slot"])[None], doc=jnp.zeros((1, K), jnp.int32),
+                     valid=valid[None])
+
+  def prefix_meta(self) -> TokenMeta:
+    """jnp `TokenMeta` [1, P] of the prefix block (chunk 0, doc 0)."""
+    P = self.prefix
+    return TokenMeta(chunk=jnp.zeros((1, P), jnp.int32),
+                     segment=jnp.full((1, P), int(Segment.PREFIX), jnp.int32),
+                     slot=jnp.arange(P, dtype=jnp.int32)[None],
+                     doc=jnp.zeros((1, P), jnp.int32), valid=jnp.ones((1, P), bool))
 
   def meta(self, num_chunks: int, batch: int = 1, doc_BC: np.ndarray | None = None,
            valid_BC: np.ndarray | None = None, valid_BL: np.ndarray | None = None) -> TokenMeta:
@@ -171,12 +207,54 @@ class ChunkLayout:
     return x_BCK[:, :, off:off + self.slots(segment)]
 
 
-def _is_obs(segment):
-  return (segment <= int(Segment.TEXT_IN)) | (segment == int(Segment.PREFIX))
+class TextFifo:
+  """Text arriving per chunk laid into a fixed number of slots per chunk, first come first
+  served: what arrives in chunk k takes the first free slots from chunk k on, so a long
+  answer spills over several chunks instead of being cut. Unused slots are PAD.
+
+  reserve_eot: keep the last slot of every chunk for an EOT after the chunk's tokens (the
+  MODEL_TEXT targets: "this is all I say in this chunk"; EOT alone means silence).
+
+  The training pipeline lays a whole conversation with `layout` (arrivals known in advance);
+  the engine calls `push` as text arrives and `take` once per micro-turn. Both go through
+  `take`, so they cannot drift apart.
+  """
+
+  def __init__(self, slots: int, *, reserve_eot: bool = False):
+    self.slots, self.reserve_eot = slots, reserve_eot
+    self.queue: list[int] = []
+
+  def push(self, tokens) -> None:
+    self.queue.extend(int(t) for t in tokens)
+
+  def take(self) -> np.ndarray:
+    """The next chunk's `[slots]` int32 tokens."""
+    from tml_jax.text import tokenizer as tok
+    room = self.slots - 1 if self.reserve_eot else self.slots
+    head, self.queue = self.queue[:room], self.queue[room:]
+    out = np.full((self.slots,), tok.PAD, np.int32)
+    out[:len(head)] = head
+    if self.reserve_eot:
+      out[len(head)] = tok.EOT
+    return out
+
+  def __len__(self) -> int:
+    return len(self.queue)
+
+  @classmethod
+  def layout(cls, items_per_chunk, slots: int, *, reserve_eot: bool = False) -> np.ndarray:
+    """`[C, slots]`: the token lists arriving in each of C chunks, laid out by `take`."""
+    fifo = cls(slots, reserve_eot=reserve_eot)
+    rows = []
+    for items in items_per_chunk:
+      fifo.push(items)
+      rows.append(fifo.take())
+    return np.stack(rows) if rows else np.zeros((0, slots), np.int32)
 
 
 def microturn_mask(q_meta: TokenMeta, kv_meta: TokenMeta, window: int | None) -> jnp.ndarray:
-  """Dense boolean mask `[B, Lq, Lk]`: True where query q may attend to key k (DESIGN §4)."""
+  """Dense boolean mask `[B, Lq, Lk]`: True where query q may attend to key k (rules 1-4 of
+  docs/design.md §4)."""
   q = {f: jnp.asarray(v)[:, :, None] for f, v in q_meta._asdict().items()}
   k = {f: jnp.asarray(v)[:, None, :] for f, v in kv_meta._asdict().items()}
   same_doc = (q["doc"] == k["doc"]) & q["valid"] & k["valid"]
@@ -184,11 +262,27 @@ def microturn_mask(q_meta: TokenMeta, kv_meta: TokenMeta, window: int | None) ->
   if window is not None:
     earlier = earlier & (q["chunk"] - k["chunk"] < window)
   same_chunk = q["chunk"] == k["chunk"]
-  k_obs = _is_obs(k["segment"])
-  both_pred = ~_is_obs(q["segment"]) & ~k_obs
+  k_obs = is_observation(k["segment"])
+  both_pred = ~is_observation(q["segment"]) & ~k_obs
   causal_pred = same_chunk & both_pred & (k["slot"] <= q["slot"])
   prefix = k["segment"] == int(Segment.PREFIX)
   return same_doc & (earlier | (same_chunk & k_obs) | causal_pred | prefix)
+
+
+def context_mask(meta: TokenMeta, chunk_BN, window: int | None):
+  """`[B, N, L]`: what a delegation made in chunk c may read, for the background model.
+
+  It sees the whole conversation so far: every valid token of chunks <= c, its own chunk's
+  predictions included (the DELEGATE was emitted there). `window` bounds the view to chunks
+  (c-W, c] plus the prefix, as the interaction model sees it; None = unbounded. c < 0: none.
+  """
+  ch = jnp.asarray(meta.chunk)[:, None, :]
+  c = jnp.asarray(chunk_BN)[:, :, None]
+  seen = ch <= c
+  if window is not None:
+    seen = seen & ((c - ch < window) | (jnp.asarray(meta.segment)[:, None, :]
+                                        == int(Segment.PREFIX)))
+  return seen & jnp.asarray(meta.valid)[:, None, :] & (c >= 0)
 
 
 def render_mask_png(meta: TokenMeta, window: int | None, path: str, *, row: int = 0,
@@ -205,8 +299,8 @@ def render_mask_png(meta: TokenMeta, window: int | None, path: str, *, row: int 
   q_chunk, k_chunk = chunk[:, None], chunk[None, :]
   kind = np.zeros(allowed.shape, np.int8)  # 0 masked
   kind[allowed & (k_chunk < q_chunk)] = 1  # earlier chunk in window
-  kind[allowed & (k_chunk == q_chunk) & _is_obs(seg)[None, :]] = 2  # same-chunk observation
-  kind[allowed & (k_chunk == q_chunk) & ~_is_obs(seg)[None, :]] = 3  # causal prediction
+  kind[allowed & (k_chunk == q_chunk) & is_observation(seg)[None, :]] = 2  # same-chunk observation
+  kind[allowed & (k_chunk == q_chunk) & ~is_observation(seg)[None, :]] = 3  # causal prediction
   kind[allowed & (seg == int(Segment.PREFIX))[None, :]] = 4  # prefix
   cmap = ListedColormap(["#ffffff", "#9ecae1", "#31a354", "#e6550d", "#756bb1"])
   fig, ax = plt.subplots(figsize=(8, 8), dpi=120)

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from tml_jax.layout import (ChunkLayout, Segment, TokenMeta, frames_per_chunk, microturn_mask,
+from tml_jax.microturn import (ChunkLayout, Segment, TokenMeta, frames_per_chunk, microturn_mask,
                             render_mask_png)
 
 OBS = {0, 1, 2, 3, 6}
