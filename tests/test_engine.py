@@ -81,6 +81,39 @@ def test_incremental_matches_full_forward(ring_model, rng):
   assert C > model.cfg.window + 2
 
 
+def test_pallas_backend_serves_through_the_decode_kernel(ring_model, rng):
+  """attention_backend='pallas' serves through microturn_attention_decode (interpreted on
+  CPU) and gives the reference model's logits: the same parameters, another attention."""
+  model, _ = ring_model
+  c = serving_config(get_config("tiny,smoke"))
+  c.layout.update(dict(window=3, prefix_slots=2))
+  c.background.enabled = False
+  c.model.attention_backend = "pallas"
+  pallas_model = InteractionModel(ModelConfig.from_config(c), rngs=nnx.Rngs(7))
+  nnx.update(pallas_model, nnx.state(model))
+  called = []
+  import kernels_pallas.microturn_attention as kernel
+  real = kernel.microturn_attention_decode
+
+  def spy(*args, **kw):
+    called.append(1)
+    return real(*args, **kw)
+
+  kernel.microturn_attention_decode = spy
+  try:
+    sm = StreamingModel(pallas_model, flow_steps=1)
+    lay, C = model.cfg.layout, 4
+    b = random_batch(lay, batch=1, num_chunks=C, seed=int(rng.integers(1 << 30)))
+    full = jax.jit(lambda batch: model(batch))(b)
+    for t in range(C):
+      out = sm.step(_obs(b, t), forced_T=b["model_text_in"][0, t])
+      np.testing.assert_allclose(out["logits"], full.text_logits[0, t], atol=5e-4, rtol=1e-3,
+                                 err_msg=f"text logits of chunk {t}")
+  finally:
+    kernel.microturn_attention_decode = real
+  assert called, "the cached step did not reach the decode kernel"
+
+
 def test_free_running_decode_feeds_its_own_tokens(ring_model, rng):
   """Without forcing, slot j reads the token predicted at j-1 (PAD after EOT): forcing those
   same tokens gives identical logits."""

@@ -1,4 +1,9 @@
-"""Grouped-query attention under the micro-turn mask, with pluggable backends.
+"""Grouped-query attention under the micro-turn mask, with pluggable backends and an
+optional KV cache (the same layer serves the training row and the streaming micro-turn).
+
+Without a cache, a row attends to itself. With a `LayerCache`, the new tokens' keys and
+values are written into the cache at `write_at` first, then the queries attend to the whole
+cache under its metadata: the cache's `meta` must already describe the new tokens.
 
 Shapes: B batch, L query length, M key length, H query heads, K kv heads, G = H / K,
 D model width, Dh head width.
@@ -8,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,10 +45,25 @@ def _pallas_attention(q, k, v, q_meta, kv_meta, *, window):
   return microturn_attention(q, k, v, q_meta, kv_meta, window=window)
 
 
-ATTENTION_BACKENDS: dict[str, Callable] = {
-    "reference": dense_attention,
-    "pallas": _pallas_attention,
+def _pallas_decode(q, k, v, q_meta, kv_meta, *, window):
+  # Forward-only entry for a ring cache (its chunks are in ring order, not sorted).
+  from kernels_pallas.microturn_attention import microturn_attention_decode
+  return microturn_attention_decode(q, k, v, q_meta, kv_meta, window=window)
+
+
+# backend -> (attention of a row over itself, attention of new tokens over a KV cache)
+ATTENTION_BACKENDS: dict[str, tuple[Callable, Callable]] = {
+    "reference": (dense_attention, dense_attention),
+    "pallas": (_pallas_attention, _pallas_decode),
 }
+
+
+class LayerCache(NamedTuple):
+  """One layer's view of the streaming KV cache."""
+  k: jnp.ndarray        # [B, M, K, Dh]
+  v: jnp.ndarray        # [B, M, K, Dh]
+  meta: TokenMeta       # [B, M], already describing the tokens about to be written
+  write_at: jnp.ndarray  # int32 [], first cache row of the new tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +73,7 @@ class AttentionConfig:
   num_kv_heads: int
   head_dim: int
   rope_theta: float = 10_000.0
+  window: int | None = None      # attention window in chunks (mask rule 1)
   backend: str = "reference"
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -82,7 +104,14 @@ class Attention(nnx.Module):
     dt = DTYPES[self.cfg.dtype]
     return jnp.einsum("blhk,hkd->bld", o_BLHD.astype(dt), self.wo[...].astype(dt))
 
-  def __call__(self, x_BLD, meta: TokenMeta, positions_BL, *, window: int | None):
+  def __call__(self, x_BLD, meta: TokenMeta, positions_BL, cache: LayerCache | None = None):
+    """Returns (output [B, L, D], the updated cache or None)."""
     q, k, v = self.project_qkv(x_BLD, positions_BL)
-    o = ATTENTION_BACKENDS[self.cfg.backend](q, k, v, meta, meta, window=window)
-    return self.output(o)
+    row_attention, cache_attention = ATTENTION_BACKENDS[self.cfg.backend]
+    if cache is None:
+      return self.output(row_attention(q, k, v, meta, meta, window=self.cfg.window)), None
+    at = (0, cache.write_at, 0, 0)
+    k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at)
+    v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at)
+    o = cache_attention(q, k_all, v_all, meta, cache.meta, window=self.cfg.window)
+    return self.output(o), cache._replace(k=k_all, v=v_all)

@@ -10,6 +10,9 @@ Input batch (numpy or jnp; C chunks, layout slot counts Fu/Fs/P/Ti/To/A, prefix 
   meta           TokenMeta [B, L]       DESIGN §4 metadata of the flat sequence
 Outputs: hidden [B, L, D], text logits [B, C, To, V] read at MODEL_TEXT, audio conditions
 [B, C, A, D] read at MODEL_AUDIO (the flow head turns them into mel frames of chunk t+1).
+
+`InteractionModel.step` is the same function one chunk at a time against a ring KV cache
+(`tml_jax.model.cache`); tests/test_engine.py checks that both agree, the ring wrapping.
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tml_jax.microturn import ChunkLayout, Segment, TokenMeta
-from tml_jax.model.attention import Attention, AttentionConfig
+from tml_jax.microturn import CHUNK_SEGMENTS, ChunkLayout, Segment, TokenMeta
+from tml_jax.model import cache as kv_cache
+from tml_jax.model.attention import Attention, AttentionConfig, LayerCache
 from tml_jax.model.background import BackgroundConfig, BackgroundModel
 from tml_jax.model.embed import Embeddings
-from tml_jax.model.flow import FlowConfig, FlowHead
+from tml_jax.model.flow import FlowConfig, FlowHead, denormalize_mel
 from tml_jax.model.layers import DTYPES, RMSNorm, fan_in_init, param
 from tml_jax.model.moe import DenseFFN, FFNConfig, MoE, MoEConfig
+from tml_jax.text import tokenizer as tok
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +69,8 @@ class ModelConfig:
     return cls(
         layout=lay, d_model=m.d_model, num_layers=m.num_layers,
         attention=AttentionConfig(m.d_model, m.num_heads, m.num_kv_heads, m.head_dim,
-                                  m.rope_theta, m.attention_backend, m.dtype, m.param_dtype),
+                                  m.rope_theta, lay.window, m.attention_backend, m.dtype,
+                                  m.param_dtype),
         ffn=m.ffn,
         moe=MoEConfig(m.d_model, m.expert_hidden, m.num_experts, m.top_k,
                       m.shared_expert_hidden, m.moe_impl, m.capacity_factor, m.dtype,
@@ -86,10 +92,12 @@ class Block(nnx.Module):
     self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
     self.ffn = MoE(cfg.moe, rngs=rngs) if cfg.ffn == "moe" else DenseFFN(cfg.dense, rngs=rngs)
 
-  def __call__(self, x_BLD, meta: TokenMeta, positions_BL, window):
-    x = x_BLD + self.attn(self.attn_norm(x_BLD), meta, positions_BL, window=window)
+  def __call__(self, x_BLD, meta: TokenMeta, positions_BL, cache: LayerCache | None = None):
+    """Returns (x, MoE aux losses, the updated layer cache or None)."""
+    a, cache = self.attn(self.attn_norm(x_BLD), meta, positions_BL, cache)
+    x = x_BLD + a
     y, aux = self.ffn(self.ffn_norm(x), meta.valid)
-    return x + y, aux
+    return x + y, aux, cache
 
 
 class ModelOutput(NamedTuple):
@@ -142,10 +150,24 @@ class InteractionModel(nnx.Module):
   def backbone(self, x_BLD, meta: TokenMeta, positions_BL):
     aux_sum = {}
     for block in self.blocks:
-      x_BLD, aux = block(x_BLD, meta, positions_BL, self.cfg.window)
+      x_BLD, aux, _ = block(x_BLD, meta, positions_BL)
       for k, v in aux.items():
         aux_sum[k] = aux_sum.get(k, 0.0) + v / self.cfg.num_layers
     return self.final_norm(x_BLD), aux_sum
+
+  def extend(self, cache: kv_cache.KVCache, x_BND, positions_BN, meta: TokenMeta, write_at):
+    """Runs N new tokens through every block against the cache, writing their keys, values
+    and final hidden states at rows [write_at, write_at + N). `cache.meta` must already
+    describe them. Returns (cache, hidden [B, N, D])."""
+    ks, vs = [], []
+    for block, k, v in zip(self.blocks, cache.k, cache.v):
+      x_BND, _, lc = block(x_BND, meta, positions_BN, LayerCache(k, v, cache.meta, write_at))
+      ks.append(lc.k)
+      vs.append(lc.v)
+    h = self.final_norm(x_BND)
+    hidden = jax.lax.dynamic_update_slice(cache.hidden, h.astype(cache.hidden.dtype),
+                                          (0, write_at, 0))
+    return kv_cache.KVCache(tuple(ks), tuple(vs), hidden, cache.meta), h
 
   def text_logits(self, h_ND):
     return jnp.einsum("...d,dv->...v", h_ND.astype(jnp.float32),
@@ -161,6 +183,85 @@ class InteractionModel(nnx.Module):
     h_BLD, aux = self.backbone(x_BLD, meta, positions_BL)
     logits = self.text_logits(lay.unpack(h_BLD, Segment.MODEL_TEXT))
     return ModelOutput(h_BLD, logits, lay.unpack(h_BLD, Segment.MODEL_AUDIO), aux)
+
+
+  # ------------------------------------------------------------------ one micro-turn
+  def step(self, cache: kv_cache.KVCache, obs: dict, t, forced_T, rng, temperature, *,
+           flow_steps: int, with_prefix: bool):
+    """One micro-turn against the ring cache; the training forward pass, one chunk at a time.
+
+    obs: user_dmel/self_dmel [1, 1, F, 80], video [1, 1, Pv, 4800], video_valid bool [],
+    text_in [1, 1, Ti] (+ prefix [1, P] when with_prefix, chunk 0 only). forced_T: int32
+    [To], the input token of each text slot, or -1 to feed the model's own previous
+    prediction (slot 0 reads BOS unless forced). RoPE positions are the training row's flat
+    index P + t*K + slot (RoPE sees only differences, so a training crop's offset does not
+    matter). Order: the observations in one pass, the MODEL_TEXT slots one at a time, then
+    the MODEL_AUDIO queries in one pass and the flow head's Euler steps.
+    Returns (cache, dict(tokens [To], logits [To, V], audio_cond [A, D], mel [F, 80])).
+    """
+    lay = self.cfg.layout
+    K, P = lay.chunk_len, lay.prefix
+    base = kv_cache.ring_row(self.cfg, t)
+    pos0 = P + t * K
+    meta_K = lay.chunk_token_meta(t, obs["video_valid"])
+    cache = kv_cache.write_meta(cache, meta_K, base)
+
+    emb = self.embed_chunks(dict(obs, model_text_in=jnp.full((1, 1, lay.model_text), tok.BOS,
+                                                             jnp.int32)))
+    n_obs = lay.offset(Segment.MODEL_TEXT)
+    x = jnp.concatenate([emb[s][:, 0] for s in CHUNK_SEGMENTS[:4] if lay.slots(s)], axis=1)
+    positions = pos0 + jnp.arange(n_obs, dtype=jnp.int32)[None]
+    q_meta, write_at = meta_K.slice(0, n_obs), base
+    if with_prefix:  # prefix tokens see chunk 0's observations (mask rule 2)
+      pre_meta = lay.prefix_meta()
+      cache = kv_cache.write_meta(cache, pre_meta, 0)
+      x = jnp.concatenate([emb[Segment.PREFIX], x], axis=1)
+      positions = jnp.concatenate([jnp.arange(P, dtype=jnp.int32)[None], positions], axis=1)
+      q_meta, write_at = pre_meta.concat(q_meta), 0
+    cache, _ = self.extend(cache, x, positions, q_meta, write_at)
+    cache, tokens, logits = self._decode_text(cache, meta_K, base, pos0, forced_T, rng,
+                                              temperature)
+    A, off_A = lay.model_audio, lay.offset(Segment.MODEL_AUDIO)
+    cache, cond = self.extend(cache, emb[Segment.MODEL_AUDIO][:, 0],
+                              pos0 + off_A + jnp.arange(A, dtype=jnp.int32)[None],
+                              meta_K.slice(off_A, off_A + A), base + off_A)
+    x = self.flow.sample(cond[0], jax.random.fold_in(rng, lay.model_text), flow_steps)
+    mel_FM = denormalize_mel(x).reshape(-1, self.cfg.n_mels)
+    return cache, dict(tokens=tokens, logits=logits, audio_cond=cond[0], mel=mel_FM)
+
+  def _decode_text(self, cache, meta_K: TokenMeta, base, pos0, forced_T, rng, temperature):
+    """The MODEL_TEXT slots, autoregressive. After EOT the training inputs are EOT then PAD
+    (the text FIFO), so a free-running decode feeds the same and reports PAD after it."""
+    lay, dt = self.cfg.layout, DTYPES[self.cfg.dtype]
+    off_T, To, V = lay.offset(Segment.MODEL_TEXT), lay.model_text, self.cfg.vocab_size
+    seg = self.embed.segment[...].astype(dt)[None, None, int(Segment.MODEL_TEXT)]
+
+    def text_slot(j, carry):
+      cache, prev, done, tokens, logits = carry
+      inp = jnp.where(forced_T[j] >= 0, forced_T[j], jnp.where(j == 0, tok.BOS, prev))
+      x = (self.embed.tokens(jnp.reshape(inp, (1, 1)), dt) + seg).astype(cache.hidden.dtype)
+      slot = off_T + j
+      q_meta = meta_K.slice(off_T, off_T + 1)._replace(
+          slot=jnp.reshape(slot, (1, 1)).astype(jnp.int32))
+      cache, h = self.extend(cache, x, jnp.reshape(pos0 + slot, (1, 1)), q_meta, base + slot)
+      lg = self.text_logits(h)[0, 0]
+      pred = jnp.where(done, tok.PAD, sample_token(lg, jax.random.fold_in(rng, j),
+                                                   temperature))
+      done = done | (pred == tok.EOT)
+      return cache, pred, done, tokens.at[j].set(pred), logits.at[j].set(lg)
+
+    init = (cache, jnp.int32(tok.BOS), jnp.bool_(False), jnp.full((To,), tok.PAD, jnp.int32),
+            jnp.zeros((To, V), jnp.float32))
+    cache, _, _, tokens, logits = jax.lax.fori_loop(0, To, text_slot, init)
+    return cache, tokens, logits
+
+
+def sample_token(logits_V, rng, temperature):
+  """Greedy at temperature 0, else a sample at that temperature."""
+  greedy = jnp.argmax(logits_V, -1).astype(jnp.int32)
+  sampled = jax.random.categorical(rng, logits_V / jnp.maximum(temperature, 1e-6)).astype(
+      jnp.int32)
+  return jnp.where(temperature > 0, sampled, greedy)
 
 
 def expert_param_fraction(cfg: ModelConfig) -> float:

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from tml_jax.audio import dmel, io, vocoder
-from tml_jax.microturn import ChunkLayout
+from tml_jax.microturn import ChunkLayout, TextFifo
 from tml_jax.serve import outputs
 from tml_jax.serve.stream import StreamingModel, serving_config
 from tml_jax.serve.worker import BackgroundWorker, ModelGenerator
@@ -281,68 +281,42 @@ class Engine:
     return patch_lib.patchify(f, m.patch_size)[None, None], True
 
   def _loop(self, source, clock, worker, ctx, seed, delegate_at, text_at) -> dict:
-    lay, C = self.lay, source.num_chunks
-    sm = self.stream
+    """One conversation: per micro-turn, gather text, observe, step, vocode, delegate."""
+    lay, C, sm = self.lay, source.num_chunks, self.stream
     sm.reset()
-    user_dm = dmel.DMelStream(lay.user_audio)
-    self_dm = dmel.DMelStream(lay.self_audio)
-    fifo: list[int] = []
+    user_dm, self_dm = dmel.DMelStream(lay.user_audio), dmel.DMelStream(lay.self_audio)
+    fifo = TextFifo(lay.text_in)
     out_audio = np.zeros((C, self.chunk_samples), np.float32)
     played = np.zeros(self.chunk_samples, np.float32)
     events, records = [], []
     key = jax.random.key(seed)
-    enc = tok.ByteTokenizer().encode
     clock.start()
     for t in range(C):
       clock.wait_for_chunk(t)
       now = t * self.chunk_s  # conversation time at the start of chunk t
-      # Background answers and reminders due by now enter this chunk's TEXT_IN. (In offline
-      # mode poll may wait for a job, bounded by its real-time budget; not micro-turn time.)
-      for job in worker.poll(now, offline=not clock.live):
-        for e in job.events:  # `at_s`: when it happened on the job's conversation clock
-          at = e.pop("at_s", now)
-          events.append(dict(e, time_s=round(at, 3), job=job.id))
-        events.append(dict(kind="background_result", time_s=round(now, 3), job=job.id,
-                           text=job.answer, delegated_at_s=round(job.submit_s, 3),
-                           compute_s=round(job.compute_s, 3)))
-        fifo += [tok.RESULT] + enc(job.answer)
-      for r in ctx.reminders.due(now):
-        events.append(dict(kind="reminder", time_s=round(now, 3), due_s=round(r.due_s, 3),
-                           text=r.text))
-        fifo += [tok.RESULT] + enc(f"reminder: {r.text}")
-      while text_at and text_at[0][0] <= now + 1e-9:
-        _, text = text_at.pop(0)
-        events.append(dict(kind="text_in", time_s=round(now, 3), text=text))
-        fifo += [tok.RESULT] + enc(text)
-
+      self._gather_text(fifo, events, worker, ctx, text_at, now, offline=not clock.live)
       audio = source.get(t, clock)
       missing = audio is None
       if missing:
         events.append(dict(kind="input_missing", time_s=round(now, 3), chunk=t))
         audio = np.zeros(self.chunk_samples, np.float32)
       t0 = time.perf_counter()
-      text_in = np.full((1, 1, lay.text_in), tok.PAD, np.int32)
-      take, fifo = fifo[:lay.text_in], fifo[lay.text_in:]
-      text_in[0, 0, :len(take)] = take
       video, video_valid = self._video(source.frame(t))
       obs = dict(user_dmel=user_dm.push_tokens(audio)[None, None],
                  self_dmel=self_dm.push_tokens(played)[None, None],
-                 text_in=text_in, video_valid=np.bool_(video_valid))
+                 text_in=fifo.take()[None, None], video_valid=np.bool_(video_valid))
       if video is not None:
         obs["video"] = video
       out = sm.step(obs, rng=jax.random.fold_in(key, t), temperature=self.temperature)
       tokens = np.asarray(out["tokens"]).tolist()
-      mel = np.asarray(out["mel"])
-      wav = vocoder.vocode(mel, n_iter=self.gl_iters)[:self.chunk_samples]
+      wav = vocoder.vocode(np.asarray(out["mel"]), n_iter=self.gl_iters)[:self.chunk_samples]
       played = np.clip(np.nan_to_num(wav), -1.0, 1.0)
       out_audio[t] = played
-      compute_ms = (time.perf_counter() - t0) * 1e3
-      records.append(ChunkRecord(t, compute_ms, tokens, missing))
-      delegated = tok.DELEGATE in tokens
-      if delegate_at and delegate_at[0] <= now + 1e-9:
+      records.append(ChunkRecord(t, (time.perf_counter() - t0) * 1e3, tokens, missing))
+      forced = bool(delegate_at) and delegate_at[0] <= now + 1e-9
+      if forced:
         delegate_at.pop(0)
-        delegated = True
-      if delegated:
+      if forced or tok.DELEGATE in tokens:
         job = worker.submit(t, (t + 1) * self.chunk_s, sm.context())
         events.append(dict(kind="delegation", time_s=round((t + 1) * self.chunk_s, 3),
                            chunk=t, job=job.id, forced=tok.DELEGATE not in tokens))
@@ -350,6 +324,30 @@ class Engine:
                        pending_background_jobs=len(worker.pending)))
     return dict(records=records, out_audio=out_audio, events=events, num_chunks=C,
                 cache_bytes=sm.cache_nbytes())
+
+  @staticmethod
+  def _gather_text(fifo: TextFifo, events: list, worker, ctx, text_at, now: float, *,
+                   offline: bool):
+    """Background answers, reminders and typed text due by `now` join the TEXT_IN queue.
+    (Offline, `poll` may wait for a job, bounded by its real-time budget: not micro-turn
+    time.)"""
+    enc = tok.ByteTokenizer().encode
+    for job in worker.poll(now, offline=offline):
+      for e in job.events:  # `at_s`: when it happened on the job's conversation clock
+        at = e.pop("at_s", now)
+        events.append(dict(e, time_s=round(at, 3), job=job.id))
+      events.append(dict(kind="background_result", time_s=round(now, 3), job=job.id,
+                         text=job.answer, delegated_at_s=round(job.submit_s, 3),
+                         compute_s=round(job.compute_s, 3)))
+      fifo.push([tok.RESULT] + enc(job.answer))
+    for r in ctx.reminders.due(now):
+      events.append(dict(kind="reminder", time_s=round(now, 3), due_s=round(r.due_s, 3),
+                         text=r.text))
+      fifo.push([tok.RESULT] + enc(f"reminder: {r.text}"))
+    while text_at and text_at[0][0] <= now + 1e-9:
+      _, text = text_at.pop(0)
+      events.append(dict(kind="text_in", time_s=round(now, 3), text=text))
+      fifo.push([tok.RESULT] + enc(text))
 
 
 def _blas_threads(n: int):
