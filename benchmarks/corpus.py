@@ -26,7 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tml_jax.data import conversation, speech  # noqa: E402
+from tml_jax.data import conversation, scenarios, speech  # noqa: E402
 
 _SYNTH_S = [0.0]
 
@@ -41,10 +41,10 @@ def _timed_synth(*args, _orig=speech.synth, **kw):
 
 def _one(args):
   split, index, seed, duration_s = args
-  speech.synth = _timed_synth  # per process: conversation calls speech.synth by attribute
+  speech.synth = _timed_synth  # per process: the scenes call speech.synth by attribute
   _SYNTH_S[0] = 0.0
   t0 = time.perf_counter()
-  conv = conversation.generate(split, index, seed, duration_s)
+  conv = scenarios.generate(split, index, seed, duration_s)
   t1 = time.perf_counter()
   conversation.featurise(conv)
   t2 = time.perf_counter()

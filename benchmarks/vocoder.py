@@ -38,6 +38,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tml_jax.audio import dmel, io, vocoder  # noqa: E402
+from tml_jax.audio.constants import FRAMES_PER_CHUNK, HOP, LOG_MIN, SAMPLE_RATE  # noqa: E402
 
 _TEXT = ("Remind me every four minutes to stretch. Sure, I will tell you when the time is up. "
          "How many times did the ball bounce? It bounced three times, then it rolled away.")
@@ -77,9 +78,9 @@ def espeak_speech(text: str = _TEXT) -> np.ndarray | None:
 def synthetic_speech(seconds: float = 8.0, seed: int = 0) -> np.ndarray:
   """Fallback: a gliding harmonic 'vowel' gated into syllables, with fricative-like noise."""
   rng = np.random.default_rng(seed)
-  t = np.arange(int(seconds * dmel.SAMPLE_RATE)) / dmel.SAMPLE_RATE
+  t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
   f0 = 140 * (1 + 0.15 * np.sin(2 * np.pi * 0.8 * t))
-  phase = 2 * np.pi * np.cumsum(f0) / dmel.SAMPLE_RATE
+  phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
   voiced = sum(np.sin(k * phase) / k for k in range(1, 30))
   syllables = np.sin(2 * np.pi * 3 * t) > -0.2
   return (0.1 * voiced * syllables + 0.02 * rng.standard_normal(t.size) * ~syllables).astype(
@@ -91,14 +92,14 @@ def main():
   source = "espeak-ng 'en'" if wav is not None else "synthetic vowel+noise"
   if wav is None:
     wav = synthetic_speech()
-  chunk = dmel.HOP * dmel.FRAMES_PER_CHUNK
+  chunk = HOP * FRAMES_PER_CHUNK
   wav = wav[:wav.size // chunk * chunk]
-  seconds = wav.size / dmel.SAMPLE_RATE
-  frames = wav.size // dmel.HOP
+  seconds = wav.size / SAMPLE_RATE
+  frames = wav.size // HOP
   target = dmel.log_mel(wav)[:frames]  # the last frame reads the padding; vocode makes T*HOP
   print(f"source: {source}, {seconds:.1f} s, {frames} frames, "
         f"log-mel range [{target.min():.2f}, {target.max():.2f}], "
-        f"silent cells (-7) {np.mean(target == dmel.LOG_MIN):.0%}")
+        f"silent cells (-7) {np.mean(target == LOG_MIN):.0%}")
 
   print(f"\n{'input':>10} {'n_iter':>6} {'L1 all':>7} {'L1 audible':>10} {'spec.conv':>9} "
         f"{'s per s':>8}")
@@ -114,7 +115,7 @@ def main():
     print(f"{name:>10} {n_iter:>6} {diff.mean():7.3f} {diff[audible].mean():10.3f} {conv:9.3f} "
           f"{spent / seconds:8.3f}")
 
-  long_wav = np.tile(wav, int(np.ceil(60 / seconds)))[:60 * dmel.SAMPLE_RATE]
+  long_wav = np.tile(wav, int(np.ceil(60 / seconds)))[:60 * SAMPLE_RATE]
   spent = []
   for _ in range(3):  # best of 3: the machine may be shared
     t0 = time.perf_counter()

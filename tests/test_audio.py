@@ -52,6 +52,22 @@ def _reference_bins(log_mel):
   return np.argmin(np.abs(log_mel[..., None] - centres), axis=-1)
 
 
+# ---- constants ----------------------------------------------------------------------------
+
+
+def test_constants_are_the_published_recipe_and_defined_once():
+  # The numbers as the recipe states them (arXiv 2407.15835, docs/design.md §3), written
+  # here, not read from the code; every module that needs one uses the same object.
+  from tml_jax.audio import constants as K
+  from tml_jax.data import speech
+  assert (K.SAMPLE_RATE, K.HOP, K.WIN, K.N_FFT) == (SR, 400, 800, 1024)
+  assert (K.N_MELS, K.FMIN, K.FMAX) == (80, 80.0, 7600.0)
+  assert (K.LOG_MIN, K.LOG_MAX, K.NUM_BINS, K.FRAMES_PER_CHUNK) == (-7.0, 2.0, 16, 8)
+  assert K.FRAMES_PER_CHUNK * K.HOP == SR // 5  # 8 frames are one 200 ms micro-turn
+  for mod in (dmel, io, speech):
+    assert mod.SAMPLE_RATE is K.SAMPLE_RATE, mod.__name__
+
+
 # ---- dMel ---------------------------------------------------------------------------------
 
 

@@ -5,21 +5,24 @@ import functools
 import json
 import multiprocessing
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import scipy.io.wavfile
 
+from tml_jax.audio.constants import HOP, N_MELS
+from tml_jax.audio.constants import SAMPLE_RATE as SR
 from tml_jax.data import conversation as C
 from tml_jax.data import scenarios, speech, templates
 
-SR = C.SAMPLE_RATE
 DUR = 14.0
 
 
 @functools.cache
 def conv(scenario: str, split: str = "train", index: int = 0) -> C.Conversation:
-  return C.generate(split, index, seed=3, duration_s=DUR, scenario=scenario)
+  return scenarios.generate(split, index, seed=3, duration_s=DUR, scenario=scenario)
 
 
 def rms(x: np.ndarray, a: float, b: float) -> float:
@@ -209,8 +212,19 @@ def test_visual_and_counting_scenarios_have_video_events():
   assert f"{count}" in " ".join(w.text for w in conv("counting").words_of("model"))
 
 
+def test_record_types_load_without_the_generator():
+  # conversation.py holds the types and records; it must not pull in the scenarios (which
+  # import it back) nor eSpeak, so readers of a built corpus need neither.
+  code = ("import sys, tml_jax.data.conversation; "
+          "print(sorted(m for m in sys.modules if m.startswith('tml_jax.data.')))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "['tml_jax.data.conversation']", out.stdout
+  assert scenarios.generate.__module__ == "tml_jax.data.scenarios"
+  assert list(scenarios.SCENARIOS)[:2] == ["turn_taking", "pause_handling"]
+
+
 def _fingerprint(split, index):
-  c = C.generate(split, index, seed=11, duration_s=8.0)
+  c = scenarios.generate(split, index, seed=11, duration_s=8.0)
   return (c.user_wav.tobytes(), c.model_wav.tobytes(), c.events_json(),
           json.dumps([vars(w) for w in c.words]), json.dumps(c.meta, sort_keys=True))
 
@@ -230,7 +244,7 @@ def test_test_split_uses_only_held_out_voices_and_templates():
   every = C.HOLDOUT_EVERY
   for split in ("train", "test"):
     for i in range(len(scenarios.SCENARIOS)):
-      c = C.generate(split, i, seed=0, duration_s=8.0)
+      c = scenarios.generate(split, i, seed=0, duration_s=8.0)
       pool = test_v if split == "test" else train_v
       assert c.meta["voices"]["user"]["name"] in pool
       assert c.meta["voices"]["other"]["name"] in pool
@@ -251,14 +265,14 @@ def test_tfds_build_reads_back(tmp_path):
   train = tml_duplex.load_split(str(tmp_path), "train")
   assert len(train) == 3 and len(tml_duplex.load_split(str(tmp_path), "test", cfg)) == 1
   r = train[1]
-  n, f = 8 * SR, 8 * SR // 400
+  n, f = 8 * SR, 8 * SR // HOP
   assert r["user_wav"].dtype == np.int16 and r["user_wav"].shape == (n,)
   assert r["model_wav"].dtype == np.int16 and r["model_wav"].shape == (n,)
   for k in ("user_dmel", "self_dmel"):
-    assert r[k].dtype == np.uint8 and r[k].shape == (f, 80) and r[k].max() <= 15
-  assert r["model_mel"].dtype == np.float16 and r["model_mel"].shape == (f, 80)
+    assert r[k].dtype == np.uint8 and r[k].shape == (f, N_MELS) and r[k].max() <= 15
+  assert r["model_mel"].dtype == np.float16 and r["model_mel"].shape == (f, N_MELS)
   back = tml_duplex.to_conversation(r)
-  ref = C.generate("train", 1, seed=5, duration_s=8.0)
+  ref = scenarios.generate("train", 1, seed=5, duration_s=8.0)
   assert back.id == ref.id and back.scenario == ref.scenario
   assert [w.text for w in back.words] == [w.text for w in ref.words]
   assert np.allclose([w.start_s for w in back.words], [w.start_s for w in ref.words], atol=1e-5)

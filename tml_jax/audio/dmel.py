@@ -1,4 +1,4 @@
-"""dMel: discretised log-mel frames, the audio tokens of the interaction model (DESIGN §3).
+"""dMel: discretised log-mel frames, the audio tokens of the interaction model (docs/design.md §3).
 
 The published recipe (Bai et al., "dMel: Speech Tokenization made Simple", arXiv 2407.15835):
 16 kHz mono; centred STFT (reflect padding of n_fft//2 on both sides, frame t centred on sample
@@ -33,21 +33,13 @@ import functools
 import numpy as np
 import scipy.fft
 
+# The recipe's numbers live in constants (one definition for the repository); they are
+# imported by name so that dmel.HOP etc. keep working for callers.
+from tml_jax.audio.constants import (FMAX, FMIN, FRAMES_PER_CHUNK, HOP, LOG_MAX, LOG_MIN,
+                                     MAG_FLOOR, N_FFT, N_MELS, NUM_BINS, SAMPLE_RATE, WIN)
 from tml_jax.audio.io import check_wav
 
-SAMPLE_RATE = 16000
-HOP = 400
-WIN = 800
-N_FFT = 1024
-N_MELS = 80
-FMIN = 80.0
-FMAX = 7600.0
-LOG_MIN = -7.0
-LOG_MAX = 2.0
-NUM_BINS = 16
-MAG_FLOOR = 1e-10
 BIN_STEP = (LOG_MAX - LOG_MIN) / (NUM_BINS - 1)  # 0.6
-FRAMES_PER_CHUNK = 8  # 200 ms at 40 frames/s
 
 # Bin centres -7.0, -6.4, ..., 2.0 and the 15 decision edges halfway between them. The edges are
 # float32 like `log_mel`'s output, so "exactly halfway" is a well defined float: a value equal

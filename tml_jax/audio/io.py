@@ -1,8 +1,8 @@
 """Audio input checks, resampling and WAV files.
 
 Every audio entry point (dMel, the vocoder's distance, the data pipeline, the server) calls
-`check_wav` so that bad audio fails in one place with one kind of message (DESIGN §3: 16 kHz
-mono; anything else is resampled or rejected).
+`check_wav` so that bad audio fails in one place with one kind of message (docs/design.md §3:
+16 kHz mono; anything else is resampled or rejected).
 
 Shape legend: N samples, C channels.
 """
@@ -16,7 +16,8 @@ import numpy as np
 import scipy.io.wavfile
 import scipy.signal
 
-SAMPLE_RATE = 16000
+from tml_jax.audio.constants import SAMPLE_RATE
+
 # Largest up/down factor we resample with. 44.1 kHz -> 16 kHz is 160/441, the worst common rate;
 # anything needing bigger factors is almost surely a wrong number, not a real device rate.
 _MAX_RESAMPLE_FACTOR = 1000

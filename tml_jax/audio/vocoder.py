@@ -15,6 +15,7 @@ import numpy as np
 import scipy.fft
 
 from tml_jax.audio import dmel
+from tml_jax.audio.constants import HOP, MAG_FLOOR, N_FFT, N_MELS, SAMPLE_RATE, WIN
 from tml_jax.audio.io import check_wav
 
 # Multiplicative NNLS updates after the pseudo-inverse start: the pseudo-inverse alone leaves
@@ -43,12 +44,12 @@ def mel_to_magnitude(log_mel_TxM, *, nnls_steps: int = _NNLS_STEPS) -> np.ndarra
   support_F, pinv_MxS, gram_SxS = _filterbank_inverse()
   mel_TxM = 10.0 ** np.asarray(log_mel_TxM, np.float64)
   fb_SxM = dmel.mel_filterbank()[support_F]
-  mag_TxS = np.maximum(mel_TxM @ pinv_MxS, dmel.MAG_FLOOR)
+  mag_TxS = np.maximum(mel_TxM @ pinv_MxS, MAG_FLOOR)
   target_TxS = mel_TxM @ fb_SxM.T
   for _ in range(nnls_steps):
     # The floor keeps entries out of float64's subnormal range, where every multiply costs
     # ~100x (the updates shrink unneeded bins geometrically) and the update could stall at 0.
-    mag_TxS = np.maximum(mag_TxS * target_TxS / (mag_TxS @ gram_SxS), dmel.MAG_FLOOR)
+    mag_TxS = np.maximum(mag_TxS * target_TxS / (mag_TxS @ gram_SxS), MAG_FLOOR)
   mag_TxF = np.zeros((mag_TxS.shape[0], support_F.size))
   mag_TxF[:, support_F] = mag_TxS
   return mag_TxF
@@ -57,11 +58,11 @@ def mel_to_magnitude(log_mel_TxM, *, nnls_steps: int = _NNLS_STEPS) -> np.ndarra
 def istft(spec_TxF: np.ndarray, num_samples: int) -> np.ndarray:
   """Least-squares inverse of `dmel.stft`: overlap-add of windowed frames / sum of window^2."""
   t = spec_TxF.shape[0]
-  half = dmel.WIN // 2
-  if half != dmel.HOP:
+  half = WIN // 2
+  if half != HOP:
     raise NotImplementedError("overlap-add below assumes WIN == 2*HOP (the dMel recipe)")
   w_W = dmel.window()
-  frames_TxW = scipy.fft.irfft(spec_TxF, n=dmel.N_FFT, axis=-1)[:, :dmel.WIN] * w_W
+  frames_TxW = scipy.fft.irfft(spec_TxF, n=N_FFT, axis=-1)[:, :WIN] * w_W
   # With WIN == 2*HOP, row r of the buffer (original samples [(r-1)*HOP, r*HOP)) gets the first
   # half of frame r and the second half of frame r-1. The window^2 sum is built the same way,
   # so the last partial hop, covered by one frame only, is normalised correctly too.
@@ -87,7 +88,7 @@ def griffin_lim(mag_TxF: np.ndarray, num_samples: int, *, n_iter: int = 32, seed
   """
   if mag_TxF.shape[0] != dmel.num_frames(num_samples):
     raise ValueError(f"{mag_TxF.shape[0]} frames do not match {num_samples} samples "
-                     f"(a centred STFT has 1 + N//{dmel.HOP} = {dmel.num_frames(num_samples)}).")
+                     f"(a centred STFT has 1 + N//{HOP} = {dmel.num_frames(num_samples)}).")
   rng = np.random.default_rng(seed)
   phase_TxF = np.exp(2j * np.pi * rng.random(mag_TxF.shape))
   prev_TxF = np.zeros_like(phase_TxF)
@@ -106,18 +107,18 @@ def vocode(log_mel_TxM, *, n_iter: int = 32, seed: int = 0) -> np.ndarray:
   read from reflect padding offline) is taken equal to frame T-1.
   """
   log_mel_TxM = np.asarray(log_mel_TxM, np.float64)
-  if log_mel_TxM.ndim != 2 or log_mel_TxM.shape[1] != dmel.N_MELS or not log_mel_TxM.shape[0]:
-    raise ValueError(f"vocode takes log-mel frames [T, {dmel.N_MELS}] with T >= 1, got shape "
+  if log_mel_TxM.ndim != 2 or log_mel_TxM.shape[1] != N_MELS or not log_mel_TxM.shape[0]:
+    raise ValueError(f"vocode takes log-mel frames [T, {N_MELS}] with T >= 1, got shape "
                      f"{log_mel_TxM.shape}; decode dMel tokens with dmel.decode first.")
   if not np.isfinite(log_mel_TxM).all():
     raise ValueError("vocode got NaN/Inf log-mel values; check the model output.")
   mag_TxF = mel_to_magnitude(log_mel_TxM)
   mag_TxF = np.concatenate([mag_TxF, mag_TxF[-1:]], axis=0)
-  num_samples = log_mel_TxM.shape[0] * dmel.HOP
+  num_samples = log_mel_TxM.shape[0] * HOP
   return griffin_lim(mag_TxF, num_samples, n_iter=n_iter, seed=seed).astype(np.float32)
 
 
-def spectral_distance(wav_a, wav_b, sample_rate: int = dmel.SAMPLE_RATE) -> dict[str, float]:
+def spectral_distance(wav_a, wav_b, sample_rate: int = SAMPLE_RATE) -> dict[str, float]:
   """How far apart two waveforms sound, phase ignored. Both are cut to the shorter length.
 
   log_mel_l1: mean |log_mel(a) - log_mel(b)| in log10 units (dMel's bin step is 0.6).

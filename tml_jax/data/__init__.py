@@ -1,1 +1,1 @@
-"""Synthetic full-duplex conversation corpus (DESIGN §6)."""
+"""Synthetic full-duplex conversation corpus (docs/design.md §6)."""

@@ -1,4 +1,4 @@
-"""Microphone-side augmentation: noise, gain and echo of the model's own voice (DESIGN §6).
+"""Microphone-side augmentation: noise, gain and echo of the model's own voice (docs/design.md §6).
 
 Only the user channel (what the model hears) is augmented; the model channel stays clean
 because it is the target the flow head learns to produce. Every random choice is drawn from

@@ -1,4 +1,4 @@
-r"""Build the synthetic conversation corpus (`tml_duplex`, DESIGN §6) for a config.
+r"""Build the synthetic conversation corpus (`tml_duplex`, docs/design.md §6) for a config.
 
   python -m tml_jax.data.build --config=configs/interaction.py:tiny --data_dir=data
   python -m tml_jax.data.build --config=configs/interaction.py:tiny,smoke --data_dir=data

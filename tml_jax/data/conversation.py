@@ -1,21 +1,15 @@
-"""Synthetic two-channel conversations: the data types, `generate` and the record format.
+"""Synthetic two-channel conversations: the data types and the record format.
 
 A `Conversation` is what one record of the corpus holds before featurisation: the microphone
 channel the model hears (`user_wav`: user + other talkers + noise + echo of the model) and the
 clean channel the model should produce (`model_wav`), the words of everybody with exact times
-(speaker 'model' words are the targets of the MODEL_TEXT stream, DESIGN §4), typed text and
-background-model results arriving as TEXT_IN (`text_in`), the video events that
+(speaker 'model' words are the targets of the MODEL_TEXT stream, docs/design.md §4), typed
+text and background-model results arriving as TEXT_IN (`text_in`), the video events that
 `tml_jax.vision.synthetic.make_video(num_chunks, size, video_events, meta["video_seed"])`
 renders into one frame per chunk (`video_events`, empty = no video), and annotated `events`.
-The scenarios that fill a conversation live in `scenarios`, their text in `templates`.
-
-`generate(split, index, seed, duration_s)` is a pure function of its arguments: every random
-choice comes from one generator seeded with (seed, split, index), and eSpeak NG is
-deterministic, so the same arguments give identical bytes in any process.
-
-Held-out material: every template bank is split by position, entry i is held out for the test
-split iff i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1; the test split draws only held-out entries
-and only held-out voices (`speech.voices('test')`), train and validation only the others.
+`scenarios.generate(split, index, seed, duration_s)` makes one (deterministically, held-out
+material for the test split: see there); this module imports no generator, so the types and
+records can be used without eSpeak.
 
 Event kinds (start_s/end_s in seconds; `data` keys in brackets):
   user_turn [text]                 a user turn addressed to the model
@@ -43,15 +37,12 @@ import json
 import numpy as np
 
 from tml_jax.audio import dmel
-from tml_jax.data import augment, speech
-from tml_jax.data import templates as T
+from tml_jax.audio.constants import HOP, SAMPLE_RATE
 
-SAMPLE_RATE = speech.SAMPLE_RATE
 SPEAKERS = ("user", "model", "other")
 SPLITS = ("train", "validation", "test")
-HOLDOUT_EVERY = 4
-CHUNK_S = 0.2  # conversations are a whole number of 200 ms micro-turns long (DESIGN §3)
-N_MELS = dmel.N_MELS
+HOLDOUT_EVERY = 4  # template entry i is held out for test iff i % 4 == 3 (scenarios docstring)
+CHUNK_S = 0.2  # conversations are a whole number of 200 ms micro-turns long (docs/design.md §3)
 
 
 @dataclasses.dataclass
@@ -98,59 +89,6 @@ class Conversation:
     return json.dumps([dataclasses.asdict(e) for e in self.events], sort_keys=True)
 
 
-_SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
-
-
-def generate(split: str, index: int, seed: int = 0, duration_s: float = 24.0,
-             scenario: str | None = None, *, clean_mic: bool = False) -> Conversation:
-  """Conversation `index` of `split`: a pure function of its arguments.
-
-  scenario: None cycles through scenarios.SCENARIOS by index (the corpus: every split of at
-    least 13 conversations covers them all); a name forces that scenario, drawn from a
-    separate random stream and with its own id (`<split>-<scenario>-<index>`).
-  clean_mic: skip the microphone augmentation (noise, gain, echo): user_wav is then exactly
-    the sum of the people in the room (evaluation exports want the user's voice alone).
-  """
-  if split not in _SPLIT_IDS:
-    raise ValueError(f"split={split!r}: expected one of {SPLITS}")
-  if duration_s < 6.0:
-    raise ValueError(f"duration_s={duration_s}: conversations need at least 6 s to hold one "
-                     "exchange; set config.data.conversation_s >= 6.")
-  from tml_jax.data import scenarios  # builds on this module's types, hence imported here
-
-  names = tuple(scenarios.SCENARIOS)
-  if scenario is not None and scenario not in names:
-    raise ValueError(f"scenario={scenario!r}: expected one of {sorted(names)}")
-  name = scenario or names[index % len(names)]
-  key = [seed, _SPLIT_IDS[split], index] + ([] if scenario is None else [names.index(name) + 1])
-  conv_id = f"{split}-{index:06d}" if scenario is None else f"{split}-{name}-{index:06d}"
-  rng = np.random.default_rng(key)
-  s = scenarios.Scene(rng, split, duration_s)
-  scenarios.SCENARIOS[name](s)
-  video_seed = int(rng.integers(2**31))  # drawn before the mic, so clean_mic keeps the video
-
-  room_N = s.tracks["user"] + s.tracks["other"]
-  model_N = np.clip(s.tracks["model"], -1.0, 1.0)
-  mic = augment.sample_params(rng)
-  if clean_mic:
-    mic, user_N = augment.MicParams(), np.clip(room_N, -1.0, 1.0)
-  else:
-    pool = ([s.synth("other", s.fill(s.choice(T.BACKGROUND)),
-                     voice=s.choice(speech.voices(split))).wav for _ in range(3)]
-            if mic.noise == "babble" else None)
-    user_N = augment.apply(mic, rng, room_N, s.tracks["model"], SAMPLE_RATE, pool)
-  s.words.sort(key=lambda w: (w.start_s, SPEAKERS.index(w.speaker)))
-  s.events.sort(key=lambda e: (e.start_s, e.kind))
-  s.text_in.sort()
-  meta = dict(seed=seed, index=index, video_seed=video_seed,
-              voices={k: dataclasses.asdict(v) for k, v in s.voices.items()},
-              augment=dataclasses.asdict(mic), templates=s.templates)
-  return Conversation(id=conv_id, scenario=name, split=split,
-                      sample_rate=SAMPLE_RATE, user_wav=user_N, model_wav=model_N,
-                      words=s.words, text_in=s.text_in, video_events=s.video_events,
-                      events=s.events, meta=meta)
-
-
 # ----------------------------------------------------------------------------------------
 # Records: the corpus stores featurised conversations (tml_duplex); both directions here
 # are numpy only, so benchmarks and the trainer need no TFDS to use them.
@@ -158,11 +96,11 @@ def generate(split: str, index: int, seed: int = 0, duration_s: float = 24.0,
 
 def featurise(conv: Conversation) -> dict:
   """A Conversation -> one corpus record (numpy values; schema in tml_duplex's docstring)."""
-  if conv.sample_rate != dmel.SAMPLE_RATE:
+  if conv.sample_rate != SAMPLE_RATE:
     raise ValueError(f"conversation {conv.id} is at {conv.sample_rate} Hz; the corpus is "
-                     f"{dmel.SAMPLE_RATE} Hz (DESIGN §3): regenerate it.")
+                     f"{SAMPLE_RATE} Hz (docs/design.md §3): regenerate it.")
   n = len(conv.user_wav)
-  frames = n // dmel.HOP
+  frames = n // HOP
   pcm_2xN = np.round(np.clip(np.stack([conv.user_wav, conv.model_wav]), -1.0, 32767 / 32768)
                     * 32768).astype(np.int16)
   # Features of the stored int16 audio, so re-encoding a record reproduces them exactly; one

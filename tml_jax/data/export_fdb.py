@@ -77,10 +77,9 @@ import scipy.io.wavfile
 from absl import app, flags
 from ml_collections import config_flags
 
-from tml_jax.data import conversation as conv_lib
+from tml_jax.audio.constants import SAMPLE_RATE as SR
+from tml_jax.data import scenarios
 
-
-SR = conv_lib.SAMPLE_RATE
 TAIL_S = 4.0  # silence after the last user speech in turn-taking / interruption samples
 BC_WINDOW_S = 0.2  # the backchannel evaluator's histogram window
 # task folder -> scenario its samples are cut from
@@ -320,8 +319,8 @@ def export(out: str, split: str, data_cfg, *, per_task: int | None = None,
     if data_dir:
       convs = (c for c in stored if c.scenario == scenario)
     else:
-      convs = (conv_lib.generate(split, i, int(data_cfg.seed), float(data_cfg.conversation_s),
-                                 scenario, clean_mic=True)
+      convs = (scenarios.generate(split, i, int(data_cfg.seed), float(data_cfg.conversation_s),
+                                  scenario, clean_mic=True)
                for i in range(per_task or int(data_cfg[f"num_{split}"])))
     gt, n = {}, 0
     for conv in convs:

@@ -1,4 +1,4 @@
-"""Speech with exact word timestamps from eSpeak NG, driven through ctypes (DESIGN §6).
+"""Speech with exact word timestamps from eSpeak NG, driven through ctypes (docs/design.md §6).
 
 The pip package `espeakng-loader` ships `libespeak-ng.so` and its `espeak-ng-data`; we call
 the C API in synchronous mode, so every buffer of samples comes back through our callback
@@ -30,7 +30,8 @@ import zlib
 import numpy as np
 import scipy.signal
 
-SAMPLE_RATE = 16_000
+from tml_jax.audio.constants import SAMPLE_RATE
+
 NATIVE_RATE = 22_050  # espeak-ng's fixed output rate; 16000/22050 = 320/441
 _UP, _DOWN = 320, 441
 

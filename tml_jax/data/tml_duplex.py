@@ -1,8 +1,8 @@
-"""`tml_duplex`: the synthetic full-duplex corpus as a TFDS dataset in ArrayRecord (DESIGN §6).
+"""`tml_duplex`: the synthetic full-duplex corpus as TFDS in ArrayRecord (docs/design.md §6).
 
 Splits: train and validation draw from the training voices and templates, test only from the
-held-out ones (`conversation` module docstring). Record i of a split is
-`conversation.generate(split, i, seed, conversation_s)` (records are kept in index order), so
+held-out ones (`scenarios` module docstring). Record i of a split is
+`scenarios.generate(split, i, seed, conversation_s)` (records are kept in index order), so
 a build is deterministic and any record can be regenerated from its id. Builds live in
 DATA_DIR/tml_duplex/<name>/1.0.0 with <name> = n<train>-<validation>-<test>_s<seconds>_seed<seed>
 (`TmlDuplexConfig.from_data_config`); the tiny config's 600/40/40 x 24 s is ~0.6 GB.
@@ -41,10 +41,9 @@ import time
 import numpy as np
 import tensorflow_datasets as tfds
 
-from tml_jax.data import conversation as conv_lib
+from tml_jax.audio.constants import N_MELS
 from tml_jax.data.conversation import featurise, to_conversation  # noqa: F401 (API)
-
-N_MELS = conv_lib.N_MELS
+from tml_jax.data.scenarios import generate
 _SPLITS = {"train": "num_train", "validation": "num_validation", "test": "num_test"}
 
 
@@ -72,7 +71,7 @@ class TmlDuplexConfig(tfds.core.BuilderConfig):
 def _make_example(args: tuple[str, int, int, float]) -> tuple[str, dict, float]:
   split, index, seed, duration_s = args
   t0 = time.perf_counter()
-  conv = conv_lib.generate(split, index, seed, duration_s)
+  conv = generate(split, index, seed, duration_s)
   return conv.id, featurise(conv), time.perf_counter() - t0
 
 

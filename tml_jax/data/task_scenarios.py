@@ -1,0 +1,223 @@
+"""Task scenarios: the model keeps time, delegates, reads, watches and translates.
+
+Each function fills a `Scene` and annotates what the model should do (event kinds in the
+`conversation` module docstring): speak a reminder when it is due, hand a question to the
+background model (DELEGATE, the result arriving as TEXT_IN), answer typed text, remark on
+what appears in the video, count bounces, translate while the user speaks. The registry is
+`scenarios.SCENARIOS`.
+
+Shape legend: N samples at 16 kHz.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tml_jax.data import speech
+from tml_jax.data import templates as T
+from tml_jax.data.conversation import CHUNK_S
+from tml_jax.data.scene import Scene
+from tml_jax.data.turn_scenarios import turn_taking
+
+
+def reminder(s: Scene):
+  """"Remind me in 12 seconds to stretch": the model acknowledges, chats, and speaks the
+  reminder exactly when it is due (time awareness)."""
+  ask, ack, due_text = s.pick(T.REMINDERS, "reminders")
+  max_delay = int(min(20, s.left() - 6.0))
+  if max_delay < 4:
+    return turn_taking(s)
+  delay = int(s.rng.integers(4, max_delay + 1))
+  task = s.choice(T.SLOTS["task"])
+  ask, ack, due_text = (x.format(n=delay, task=task) for x in (ask, ack, due_text))
+  user = s.say("user", ask, s.t)
+  if user is None:
+    return
+  due = user[1] + delay
+  s.event("user_turn", *user, text=ask)
+  s.event("reminder_set", user[1], user[1], task=task, delay_s=delay, due_s=due)
+  lat = s.latency()
+  model = s.say("model", ack, user[1] + lat)
+  if model:
+    s.event("model_turn", *model, text=ack, latency_s=lat)
+  # Small talk that ends before the reminder is due; the reminder never waits for it.
+  s.t = (model or user)[1] + s.uniform(0.6, 1.2)
+  s.fill_exchanges(until=due - 0.5)
+  span = s.say("model", due_text, due)
+  if span:
+    s.event("reminder_due", *span, task=task)
+    s.event("model_turn", *span, text=due_text, latency_s=0.0)
+  s.t = (span[1] if span else due) + s.uniform(0.6, 1.5)
+  s.fill_exchanges()
+
+
+def delegation(s: Scene):
+  """A question for the background model (calculator, clock, knowledge): the model emits
+  DELEGATE as it acknowledges, the result arrives as TEXT_IN 1-4 s later, the model says it."""
+  tool, question, answer, result = T.background_question(s)
+  user = s.say("user", question, s.t)
+  if user is None:
+    return
+  s.event("user_turn", *user, text=question)
+  lat = s.latency()
+  ack = s.choice(T.ACKS)
+  deleg = user[1] + lat
+  ack_span = s.say("model", ack, deleg)
+  arrival = round(deleg + s.uniform(1.0, 4.0), 3)
+  s.text_in.append((arrival, result))
+  s.event("delegation", deleg, arrival, question=question, answer=answer, tool=tool,
+          result_text=result, arrival_s=arrival)
+  if ack_span:
+    s.event("model_turn", *ack_span, text=ack, latency_s=lat)
+  lat2 = s.latency()
+  start = max(arrival + lat2, (ack_span[1] if ack_span else deleg) + 0.2)
+  model = s.say("model", answer, start)
+  if model:
+    s.event("model_turn", *model, text=answer, latency_s=round(start - arrival, 3),
+            responds_to="text_in")
+  s.t = (model[1] if model else start) + s.uniform(0.6, 1.5)
+  s.fill_exchanges()
+
+
+def typed_text(s: Scene):
+  """The user types a question (TEXT_IN): the model answers it aloud."""
+  q, a = s.pick(T.TURN_PAIRS, "turn_pairs")
+  q, a = s.fill(q), s.fill(a)
+  s.text_in.append((round(s.t, 3), q))
+  s.event("typed_text", s.t, s.t, text=q)
+  lat = s.uniform(0.3, 0.8)
+  model = s.say("model", a, s.t + lat)
+  if model:
+    s.event("model_turn", *model, text=a, latency_s=lat, responds_to="text_in")
+  s.t = (model[1] if model else s.t) + s.uniform(0.6, 1.5)
+  s.fill_exchanges()
+
+
+# Names that tml_jax.vision.synthetic.make_video renders (its COLORS / SHAPES / CLOTHES).
+_COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
+_SHAPES = ("circle", "square", "triangle", "star", "diamond")
+_CLOTHES = ("brown", "black", "navy")
+
+
+def _appearances(s: Scene, t0: float) -> list[tuple[dict, float, str]]:
+  """One or two things appear after t0: [(video event, time, spoken description)].
+
+  The time is snapped to the start of a 200 ms chunk: make_video shows an event from the
+  frame of the chunk that contains it, so the annotation is when it becomes visible.
+  """
+  out, t = [], t0 + s.uniform(0.5, 2.0)
+  colors = list(_COLORS)
+  for _ in range(int(s.rng.integers(1, 3))):
+    t = round(np.floor(t / CHUNK_S) * CHUNK_S, 4)
+    if s.left(t) < 3.0:
+      break
+    if s.rng.random() < 0.25:
+      clothes, side = s.choice(_CLOTHES), s.choice(("left", "right"))
+      ev = dict(kind="person_enters", start_s=t, clothes=clothes, side=side)
+      desc = f"person in {clothes}" if clothes != "navy" else "person in blue"
+    else:
+      color = colors.pop(int(s.rng.integers(len(colors))))  # make_video wants distinct colours
+      shape = s.choice(_SHAPES)
+      ev = dict(kind="object_appears", start_s=t, shape=shape, color=color)
+      desc = f"{color} {shape}"
+    s.video_events.append(ev)
+    out.append((ev, t, desc))
+    t += s.uniform(3.0, 5.0)
+  return out
+
+
+def _bounces(s: Scene, t0: float) -> tuple[int, float, str]:
+  """A ball bounces 2..6 times from t0 (bounces on chunk starts, >= 3 chunks apart, as
+  make_video draws one frame per chunk); returns (count, time of the last bounce, object)."""
+  start = int(np.ceil(t0 / CHUNK_S))
+  chunks = list(start + np.cumsum(s.rng.integers(3, 7, size=int(s.rng.integers(2, 7)))))
+  while len(chunks) > 1 and s.left(chunks[-1] * CHUNK_S) < 2.5:
+    chunks.pop()
+  times = [round(int(c) * CHUNK_S, 4) for c in chunks]
+  s.video_events.append(dict(kind="bouncing", start_s=round(start * CHUNK_S, 4),
+                             bounce_times_s=times, color=s.choice(_COLORS)))
+  return len(times), times[-1], "ball"
+
+
+def visual_event(s: Scene):
+  """The user asks the model to watch; objects or a person appear in the video and the model
+  remarks on each after 0.3-0.9 s."""
+  ask, ack = s.pick(T.WATCH_REQUESTS, "watch_requests")
+  user = s.say("user", ask, s.t)
+  if user is None:
+    return
+  s.event("user_turn", *user, text=ask)
+  lat = s.latency()
+  model = s.say("model", ack, user[1] + lat)
+  if model:
+    s.event("model_turn", *model, text=ack, latency_s=lat)
+  t0 = (model or user)[1] + 0.8
+  for ev, when, desc in _appearances(s, t0):
+    remark = s.fill(s.pick(T.VISUAL_REMARKS, "visual_remarks")).format(thing=desc)
+    lat = s.uniform(0.3, 0.9)
+    span = s.say("model", remark, when + lat)
+    s.event("visual_event", when, span[1] if span else when, description=desc, video_event=ev)
+    if span:
+      s.event("model_turn", *span, text=remark, latency_s=lat, responds_to="video")
+      s.t = span[1] + s.uniform(0.5, 1.0)
+  s.fill_exchanges()
+
+
+def counting(s: Scene):
+  """The user asks to count a ball's bounces; the model says the count after the last one."""
+  ask, ack, result = s.pick(T.COUNT_REQUESTS, "count_requests")
+  ask = ask.format(object="ball")
+  user = s.say("user", ask, s.t)
+  if user is None:
+    return
+  s.event("user_turn", *user, text=ask)
+  lat = s.latency()
+  model = s.say("model", ack, user[1] + lat)
+  if model:
+    s.event("model_turn", *model, text=ack, latency_s=lat)
+  t0 = (model or user)[1] + 0.5
+  count, t_end, obj = _bounces(s, t0)
+  s.event("count_request", user[0], t_end, object=obj)
+  lat = s.uniform(0.5, 1.0)
+  text = result.format(count=count, object=obj)
+  span = s.say("model", text, t_end + lat)
+  if span:
+    s.event("count_answer", *span, count=count, object=obj)
+    s.event("model_turn", *span, text=text, latency_s=lat, responds_to="video")
+    s.t = span[1] + s.uniform(0.6, 1.5)
+  s.fill_exchanges()
+
+
+def translation(s: Scene):
+  """The user speaks Spanish, French or German sentences; the model speaks the English
+  translation of each, lagging ~1 s behind and overlapping the user (simultaneous speech)."""
+  lang = s.choice(tuple(speech.FOREIGN_VOICES))
+  ask, ack = s.pick(T.TRANSLATE_REQUESTS, "translate_requests")
+  ask, ack = ask.format(lang=T.LANG_NAMES[lang]), ack.format(lang=T.LANG_NAMES[lang])
+  user = s.say("user", ask, s.t)
+  if user is None:
+    return
+  s.event("user_turn", *user, text=ask)
+  lat = s.latency()
+  model = s.say("model", ack, user[1] + lat)
+  if model:
+    s.event("model_turn", *model, text=ack, latency_s=lat)
+  t, model_free = (model or user)[1] + s.uniform(0.5, 1.0), 0.0
+  foreign = f"{speech.FOREIGN_VOICES[lang]}+{s.voices['user'].name.split('+')[1]}"
+  while s.left(t) > 2.5:
+    phrase = s.pick(T.PHRASES, "phrases")
+    src = s.place("user", s.synth("user", phrase[lang], voice=foreign), t)
+    if src is None:
+      break
+    # Simultaneous: the translation starts while the user is still speaking, lagging by
+    # about a second, and never overlaps the model's previous translation.
+    lag = s.uniform(0.8, 1.6)
+    start = max(t + lag, model_free + 0.15)
+    span = s.say("model", phrase["en"], start)
+    s.event("translation", t, span[1] if span else src, lang=lang, source=phrase[lang],
+            target=phrase["en"], lag_s=round(start - t, 3))
+    if span is None:
+      break
+    model_free = span[1]
+    t = src + s.uniform(0.3, 0.9)
+  s.t = max(t, model_free) + 0.5
