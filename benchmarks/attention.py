@@ -21,7 +21,7 @@ reference: all; cudnn: the causal half; flex: its block mask), 4 * bq * bk * D f
 block and head forward, 3.5x that for forward+backward (the FlashAttention-2 convention;
 the kernel's recomputation of the scores in the backward is not counted).
 
-Keeps to jax/numpy: no TensorFlow, grain or clu (DESIGN §2).
+Keeps to jax/numpy: no TensorFlow, grain or clu (docs/design.md §2).
 
 Recorded 2026-11-22 (CPU, 2 shared cores; no GPU was available, so no GPU numbers yet):
   block-skip fractions (128x128 blocks)   blocks  skipped  partial  full
@@ -94,7 +94,7 @@ def _torch_flex(meta: TokenMeta, window, q, k, v, reps):
   if not torch.cuda.is_available():
     return None
   dev = "cuda"
-  enc_q, enc_k = mta._encode_q(meta), mta._encode_k(meta)  # pylint: disable=protected-access
+  enc_q, enc_k = mta.encode_q(meta), mta.encode_k(meta)
   t = lambda x: torch.as_tensor(np.asarray(x)[0], device=dev)
   qc, qcode, qdoc = map(t, enc_q)
   kc, kcode, kdoc = map(t, enc_k)

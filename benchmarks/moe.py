@@ -4,6 +4,7 @@ Run:
   python benchmarks/moe.py            # GPU sweep (bf16): gmm vs dense / ragged_dot / torch,
                                       #   and MoE layer fwd+bwd vs a dense FFN of equal flops
   python benchmarks/moe.py --cpu      # CPU: the tiny config's MoE impls side by side (~2 min)
+  python benchmarks/moe.py --smoke    # the GPU sweep's code path at toy sizes (any machine)
   python benchmarks/moe.py --quick    # GPU, a few configs only
 
 GPU sweep: d_model 2048; expert hidden 1408 and 4096; 8/64/128 experts; top-2 and top-8;
@@ -15,10 +16,15 @@ share ~ 1/(e+1), the last expert none). Each gmm is timed against
 and reported in TFLOP/s (2*m*d*F per matmul). The layer section times MoE(impl) forward +
 backward against DenseFFN(hidden = top_k * F): equal active flops per token.
 
-Keeps to jax/flax/numpy: no TensorFlow, grain or clu (DESIGN §2).
+The CPU comparison runs moe_impl 'capacity' and 'grouped' (its CPU grouped matmul: gmm's
+'xla' tile scan) and, as 'ragged_dot', the grouped impl with XLA's lax.ragged_dot swapped in
+(what the deprecated impl name 'ragged' used to run).
+
+Keeps to jax/flax/numpy: no TensorFlow, grain or clu (docs/design.md §2).
 
 Recorded 2026-11-22, `--cpu --rounds 7`, 2-core AMD EPYC shared with other jobs (load
-varies ~2-3x between runs; the ratios inside one run are what to read):
+varies ~2-3x between runs; the ratios inside one run are what to read; recorded under the
+impl names of the time: einsum = capacity, ragged = grouped with ragged_dot, pallas = grouped):
 
   tiny config MoE, B=8 L=800 d_model=256 hidden=768 experts=8 top-2, float32, fwd+bwd:
     einsum  1015 ms  x0.15 vs ragged   (capacity 1.25: 0.0% dropped at init routing)
@@ -26,7 +32,8 @@ varies ~2-3x between runs; the ratios inside one run are what to read):
     pallas  1023 ms  x0.15             (gmm 'xla' tile scan on CPU)
   gmm [1600x256]x[8x256x768] forward: 'xla' 6.3 ms, Pallas interpret 910 ms (x145)
   routing, forward: top_k 0.83, sort 0.52, permute 0.78, combine 1.35 ms = 0.3% of the layer
-  -> the tiny config should use moe_impl='pallas' on CPU: dropless and as fast as einsum
+  -> the tiny config should use moe_impl='grouped' (then 'pallas') on CPU: dropless and
+     as fast as capacity (then 'einsum')
      (an earlier run: einsum 3415 / ragged 12780 / pallas 2043 ms).
 
 GPU numbers: not recorded yet (no GPU in the session that wrote this; run the sweep on one).
@@ -45,8 +52,10 @@ import numpy as np
 from flax import nnx
 
 from kernels_pallas import gmm as gmm_lib
-from kernels_pallas import routing
-from tml_jax.model.moe import FFNConfig, DenseFFN, MoE, MoEConfig
+from tml_jax.model import experts as experts_lib
+from tml_jax.model import router
+from tml_jax.model.experts import DenseFFN, FFNConfig
+from tml_jax.model.moe import MoE, MoEConfig
 from tml_jax.timing import timeit
 
 D_MODEL = 2048
@@ -129,32 +138,55 @@ def gmm_sweep(configs, d_model=D_MODEL):
             f"{tf(dense_s):6.1f} {cell(gmm_s)} {cell(fb_s, 3)} {cell(rd_s)} {cell(torch_s)}")
 
 
+def _ragged_dot(lhs, rhs, group_sizes):
+  return gmm_lib.gmm(lhs, rhs, group_sizes, backend="ragged_dot")
+
+
+# name -> (moe_impl, grouped matmul swapped in for experts.grouped_matmul; None: keep it)
+VARIANTS = {"capacity": ("capacity", None), "grouped": ("grouped", None),
+            "ragged_dot": ("grouped", _ragged_dot)}
+
+
+def _with_matmul(fn, matmul):
+  """`fn`, tracing with `matmul` as the grouped impl's grouped matmul (None: the default)."""
+  def traced(*args):
+    default = experts_lib.grouped_matmul
+    experts_lib.grouped_matmul = matmul or default
+    try:
+      return fn(*args)
+    finally:
+      experts_lib.grouped_matmul = default
+  return traced
+
+
 def layer_sweep(configs, d_model=D_MODEL, seq=2048):
   print("\n== MoE layer fwd+bwd vs dense FFN of equal active flops, bf16 (ms) ==")
-  print(f"{'F':>5} {'E':>4} {'k':>2} {'tokens':>6} | {'dense':>8} {'ragged':>8} "
-        f"{'pallas':>8} {'pallas/dense':>12}")
+  print(f"{'F':>5} {'E':>4} {'k':>2} {'tokens':>6} | {'dense':>8} {'ragged_dot':>10} "
+        f"{'grouped':>8} {'grouped/dense':>13}")
   for f, e, k, tokens in configs:
     x = jax.random.normal(jax.random.key(1), (tokens // seq, seq, d_model), jnp.bfloat16)
     valid = jnp.ones(x.shape[:2], bool)
     dense = DenseFFN(FFNConfig(d_model, k * f, "bfloat16", "bfloat16"), rngs=nnx.Rngs(0))
     row = {"dense": _layer_step_seconds(dense, x, valid)}
-    for impl in ("ragged", "pallas"):
+    for name in ("ragged_dot", "grouped"):
+      impl, matmul = VARIANTS[name]
       cfg = MoEConfig(d_model=d_model, hidden=f, num_experts=e, top_k=k, impl=impl,
                       dtype="bfloat16", param_dtype="bfloat16")
-      row[impl] = _layer_step_seconds(MoE(cfg, rngs=nnx.Rngs(0)), x, valid)
+      row[name] = _layer_step_seconds(MoE(cfg, rngs=nnx.Rngs(0)), x, valid, matmul=matmul)
     print(f"{f:5d} {e:4d} {k:2d} {tokens:6d} | {row['dense'] * 1e3:8.2f} "
-          f"{row['ragged'] * 1e3:8.2f} {row['pallas'] * 1e3:8.2f} "
-          f"{row['pallas'] / row['dense']:12.2f}")
+          f"{row['ragged_dot'] * 1e3:10.2f} {row['grouped'] * 1e3:8.2f} "
+          f"{row['grouped'] / row['dense']:13.2f}")
 
 
-def _layer_step_seconds(module, x, valid, reps=10):
+def _layer_step_seconds(module, x, valid, reps=10, matmul=None):
   graphdef, params = nnx.split(module)
 
   def loss(params, x):
     y, _ = nnx.merge(graphdef, params)(x, valid)
     return jnp.sum(y.astype(jnp.float32) ** 2)
 
-  return timeit(jax.jit(jax.grad(loss, argnums=(0, 1))), params, x, reps=reps)
+  step = jax.jit(_with_matmul(jax.grad(loss, argnums=(0, 1)), matmul))
+  return timeit(step, params, x, reps=reps)
 
 
 # ------------------------------------------------------------------------------ CPU
@@ -172,7 +204,7 @@ def cpu_compare(rounds: int):
   x = jax.random.normal(jax.random.key(0), (B, L, D))
   valid = jnp.ones((B, L), bool)
   steps = {}
-  for impl in ("einsum", "ragged", "pallas"):
+  for name, (impl, matmul) in VARIANTS.items():
     cfg = MoEConfig(d_model=D, hidden=F, num_experts=E, top_k=k, impl=impl)
     model = MoE(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
@@ -181,21 +213,22 @@ def cpu_compare(rounds: int):
       y, aux = nnx.merge(graphdef, params)(x, valid)
       return jnp.sum(y ** 2), aux
 
-    steps[impl] = (jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True)), params)
-  # Interleave the impls round by round so machine load hits all of them alike.
-  times = {impl: [] for impl in steps}
-  for impl, (fn, params) in steps.items():
+    grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+    steps[name] = (jax.jit(_with_matmul(grad, matmul)), params)
+  # Interleave the variants round by round so machine load hits all of them alike.
+  times = {name: [] for name in steps}
+  for name, (fn, params) in steps.items():
     jax.block_until_ready(fn(params, x))
   for _ in range(rounds):
-    for impl, (fn, params) in steps.items():
+    for name, (fn, params) in steps.items():
       t0 = time.perf_counter()
       jax.block_until_ready(fn(params, x))
-      times[impl].append(time.perf_counter() - t0)
-  med = {impl: statistics.median(ts) for impl, ts in times.items()}
-  dropped = float(steps["einsum"][0](steps["einsum"][1], x)[1]["dropped_fraction"])
-  for impl, s in med.items():
-    print(f"  {impl:8s} {s * 1e3:8.1f} ms   x{s / med['ragged']:.2f} vs ragged")
-  print(f"  einsum drops {dropped:.1%} of assignments at capacity_factor 1.25")
+      times[name].append(time.perf_counter() - t0)
+  med = {name: statistics.median(ts) for name, ts in times.items()}
+  dropped = float(steps["capacity"][0](steps["capacity"][1], x)[1]["dropped_fraction"])
+  for name, s in med.items():
+    print(f"  {name:10s} {s * 1e3:8.1f} ms   x{s / med['ragged_dot']:.2f} vs ragged_dot")
+  print(f"  capacity drops {dropped:.1%} of assignments at capacity_factor 1.25")
 
   # Interpret mode once, at a smaller size: it is a test vehicle, this shows by how much.
   m = B * L * k // 8
@@ -206,40 +239,37 @@ def cpu_compare(rounds: int):
   int_s = timeit(jax.jit(_interpret_gmm), lhs, rhs, gs, reps=1, warmup=1)
   print(f"  gmm [{m}x{D}]x[{E}x{D}x{F}] forward: xla fallback {xla_s * 1e3:.1f} ms, "
         f"Pallas interpret {int_s * 1e3:.0f} ms (x{int_s / xla_s:.0f})")
-  routing_breakdown(B * L, D, E, k, min(med["ragged"], med["pallas"]))
+  routing_breakdown(B * L, D, E, k, min(med["ragged_dot"], med["grouped"]))
 
-  # Dropless impls win ties: within 10% of einsum, not dropping tokens is worth more.
-  best = min(med, key=med.get)
-  if best == "einsum" and min(med["pallas"], med["ragged"]) <= 1.1 * med["einsum"]:
-    best = "pallas" if med["pallas"] <= med["ragged"] else "ragged"
+  # Dropless wins ties: within 10% of capacity, not dropping tokens is worth more.
+  best = "grouped" if med["grouped"] <= 1.1 * med["capacity"] else "capacity"
   why = {
-      "pallas": "dropless, and as fast as the best: on CPU gmm runs its 'xla' tile scan "
-                "(exact flops), while XLA:CPU expands lax.ragged_dot into one masked dense "
-                "product per expert (E times the flops); einsum runs every expert on a "
-                "capacity-padded [E, B*C, D] buffer (capacity_factor times the flops) and "
-                "drops tokens past capacity once routing is skewed",
-      "ragged": "dropless, and XLA's ragged_dot beat the alternatives on this machine",
-      "einsum": "clearly the fastest here, though it drops tokens beyond capacity once "
-                "routing is skewed",
+      "grouped": "dropless, and within 10% of the fastest: on CPU gmm runs its 'xla' tile "
+                 "scan (exact flops), while XLA:CPU expands lax.ragged_dot into one masked "
+                 "dense product per expert (E times the flops); capacity runs every expert "
+                 "on a capacity-padded [E, B*C, D] buffer (capacity_factor times the flops) "
+                 "and drops tokens past capacity once routing is skewed",
+      "capacity": "clearly the fastest here, though it drops tokens beyond capacity once "
+                  "routing is skewed",
   }
   print(f"\nRecommendation for the tiny config on CPU: moe_impl='{best}' "
-        f"(x{med['ragged'] / med[best]:.1f} faster than 'ragged', "
-        f"x{med['einsum'] / med[best]:.1f} vs 'einsum'): {why[best]}.")
+        f"(x{med['ragged_dot'] / med[best]:.1f} faster than lax.ragged_dot, "
+        f"x{med['capacity'] / med[best]:.1f} vs 'capacity'): {why[best]}.")
 
 
 def routing_breakdown(T, D, E, k, layer_s):
   """Time of each routing step alone (forward), as a share of the layer's fwd+bwd."""
   logits = jax.random.normal(jax.random.key(3), (T, E))
   x = jax.random.normal(jax.random.key(4), (T, D))
-  w, ids, _ = routing.top_k_routing(logits, k)
-  order, sizes, inverse = routing.sort_by_expert(ids, E)
-  y_AD = routing.permute(x, order, k)
+  w, ids, _ = router.top_k_routing(logits, k)
+  order, sizes, inverse = router.sort_by_expert(ids, E)
+  y_AD = router.permute(x, order, k)
   parts = {
-      "top_k_routing": (jax.jit(functools.partial(routing.top_k_routing, k=k)), (logits,)),
-      "sort_by_expert": (jax.jit(functools.partial(routing.sort_by_expert, num_experts=E)),
+      "top_k_routing": (jax.jit(functools.partial(router.top_k_routing, k=k)), (logits,)),
+      "sort_by_expert": (jax.jit(functools.partial(router.sort_by_expert, num_experts=E)),
                          (ids,)),
-      "permute": (jax.jit(functools.partial(routing.permute, k=k)), (x, order)),
-      "combine": (jax.jit(routing.combine), (y_AD, inverse, w)),
+      "permute": (jax.jit(functools.partial(router.permute, k=k)), (x, order)),
+      "combine": (jax.jit(router.combine), (y_AD, inverse, w)),
   }
   print(f"  routing steps, forward, T={T} tokens (share of the fastest dropless layer's "
         f"fwd+bwd):")

@@ -111,7 +111,7 @@ def test_schedule_covers_every_row_once():
   """The Triton schedule: each row of [0, m) lies in exactly one live tile, of its group."""
   sizes = jnp.array([5, 0, 16, 1, 0, 33], jnp.int32)
   m, tm = 64, 16
-  grp, start, end = gmm_lib._row_tile_schedule(sizes, m, tm)
+  grp, start, end = gmm_lib.row_tile_schedule(sizes, m, tm)
   grp, start, end = map(np.asarray, (grp, start, end))
   assert len(grp) == m // tm + len(sizes)
   owner = np.full(m, -1)

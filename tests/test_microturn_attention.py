@@ -16,6 +16,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from kernels_pallas import microturn_attention as mta
+from kernels_pallas.microturn_attention import api as mta_api
 from tml_jax.microturn import ChunkLayout, TokenMeta, microturn_mask
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -108,12 +109,12 @@ class MicroturnAttentionTest(parameterized.TestCase):
     length = 208
     schedule = jax.jit(mta.block_schedule, static_argnums=(2, 3, 4))
     for trial in range(16):
-      meta = mta._pad_meta(random_meta(self.rng, batch=2, max_chunks=10), length)
+      meta = mta.pad_meta(random_meta(self.rng, batch=2, max_chunks=10), length)
       window = (None, 1, 2, 4)[trial % 4]
       bq, bk = ((8, 8), (16, 8), (8, 32), (4, 16))[trial % 4]
       sched = schedule(meta, meta, window, bq, bk)
       tq, tk = -(-length // bq) * bq, -(-length // bk) * bk
-      dense = np.asarray(microturn_mask(mta._pad_meta(meta, tq), mta._pad_meta(meta, tk),
+      dense = np.asarray(microturn_mask(mta.pad_meta(meta, tq), mta.pad_meta(meta, tk),
                                         window)).reshape(2, tq // bq, bq, tk // bk, bk)
       want = np.where(dense.all((2, 4)), mta.FULL,
                       np.where(dense.any((2, 4)), mta.PARTIAL, mta.SKIP))
@@ -141,7 +142,7 @@ class MicroturnAttentionTest(parameterized.TestCase):
     sched = jax.jit(mta.block_schedule, static_argnums=(2, 3, 4))(meta, kv_meta, 3, 8, 8)
     length = meta.chunk.shape[1]
     tq = -(-length // 8) * 8
-    dense = np.asarray(microturn_mask(mta._pad_meta(meta, tq), mta._pad_meta(kv_meta, tq), 3))
+    dense = np.asarray(microturn_mask(mta.pad_meta(meta, tq), mta.pad_meta(kv_meta, tq), 3))
     dense = dense.reshape(2, tq // 8, 8, tq // 8, 8)
     flag = np.asarray(sched.block_flag)
     msg = f"seed={self.seed}"
@@ -217,7 +218,7 @@ class MicroturnAttentionInterpretTest(MicroturnAttentionTest):
     q, k, v = self._qkv(1, length, length, 2, 1, 32, jnp.float32)
     w = jnp.asarray(self.rng.standard_normal(q.shape), jnp.float32)
     loss = lambda fn, q, k, v: jnp.sum(fn(q, k, v, meta, meta, window=2) * w)
-    with mock.patch.object(mta, "_backend", lambda interpret: "mosaic_interpret"):
+    with mock.patch.object(mta_api, "select_backend", lambda interpret: "mosaic_interpret"):
       got = jax.jit(jax.value_and_grad(functools.partial(loss, mta.microturn_attention),
                                        (0, 1, 2)))(q, k, v)
     want = jax.value_and_grad(functools.partial(loss, mta.microturn_attention_reference),
@@ -240,7 +241,7 @@ class MicroturnAttentionInterpretTest(MicroturnAttentionTest):
     device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=1,
                                          platform="gpu" if platform == "cuda" else "tpu")
     mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-    with mock.patch.object(mta, "_backend", lambda interpret: backend), \
+    with mock.patch.object(mta_api, "select_backend", lambda interpret: backend), \
         jax.sharding.use_abstract_mesh(mesh):
       text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, k, k).lower(
           lowering_platforms=(platform,)).as_text()

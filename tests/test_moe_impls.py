@@ -1,9 +1,11 @@
-"""The MoE impls (einsum without drops, ragged, pallas) equal an explicit loop over experts.
+"""The MoE impls ('capacity' without drops, 'grouped') equal an explicit loop over experts.
 
 Outputs and gradients w.r.t. x and every parameter, on skewed routing with one expert that
-receives no token. 'pallas' runs gmm's CPU default (ragged_dot); 'pallas-interpret' swaps
-in the Triton-layout kernel under the Pallas interpreter, so the real kernel runs inside
-the model. Also: the routing primitives' round trip (sort_by_expert, permute, combine).
+receives no token. 'grouped' runs the platform's grouped matmul (on CPU gmm's XLA tile
+scan); 'grouped-interpret' swaps in the Triton kernel under the Pallas interpreter, so the
+real kernel runs inside the model; 'grouped-ragged_dot' swaps in XLA's lax.ragged_dot.
+Also: the deprecated impl names, and the routing primitives' round trip (sort_by_expert,
+permute, combine).
 """
 
 import jax
@@ -13,9 +15,9 @@ import pytest
 from flax import nnx
 
 from kernels_pallas import gmm as gmm_lib
-from kernels_pallas import routing
-from tml_jax.model import moe as moe_lib
-from tml_jax.model.moe import MoE, MoEConfig
+from tml_jax.model import experts as experts_lib
+from tml_jax.model import router
+from tml_jax.model.moe import MoE, MoEConfig, resolve_impl
 
 D, F, E, K = 16, 24, 6, 2
 B, L = 2, 20
@@ -23,7 +25,7 @@ DEAD = 5  # the expert that receives no token
 
 
 def _model(impl, seed=0):
-  # capacity_factor=E makes the einsum capacity L*k: nothing can be dropped.
+  # capacity_factor=E makes the capacity L*k: nothing can be dropped.
   cfg = MoEConfig(d_model=D, hidden=F, num_experts=E, top_k=K, impl=impl,
                   capacity_factor=float(E))
   model = MoE(cfg, rngs=nnx.Rngs(seed))
@@ -56,11 +58,17 @@ def _interpret_gmm(lhs, rhs, group_sizes):
                      block_sizes=gmm_lib.BlockSizes(block_m=16, block_k=16, block_n=16))
 
 
+def _ragged_dot_gmm(lhs, rhs, group_sizes):
+  return gmm_lib.gmm(lhs, rhs, group_sizes, backend="ragged_dot")
+
+
+SWAPPED_MATMULS = {"grouped-interpret": _interpret_gmm, "grouped-ragged_dot": _ragged_dot_gmm}
+
+
 def _value_and_grads(impl, x, cot, monkeypatch):
-  if impl == "pallas-interpret":
-    monkeypatch.setitem(moe_lib.GROUPED_MATMULS, "pallas", _interpret_gmm)
-  model = _model("pallas" if impl == "pallas-interpret" else
-                 ("ragged" if impl == "loop" else impl))
+  if impl in SWAPPED_MATMULS:
+    monkeypatch.setattr(experts_lib, "grouped_matmul", SWAPPED_MATMULS[impl])
+  model = _model("capacity" if impl == "capacity" else "grouped")
   graphdef, params = nnx.split(model)
 
   def loss(params, x):
@@ -82,7 +90,8 @@ def reference():
   return x, cot, y, grads
 
 
-@pytest.mark.parametrize("impl", ["einsum", "ragged", "pallas", "pallas-interpret"])
+@pytest.mark.parametrize("impl", ["capacity", "grouped", "grouped-interpret",
+                                  "grouped-ragged_dot"])
 def test_impl_matches_dense_loop(impl, reference, monkeypatch):
   x, cot, y_ref, (dparams_ref, dx_ref) = reference
   y, (dparams, dx), _ = _value_and_grads(impl, x, cot, monkeypatch)
@@ -98,16 +107,26 @@ def test_impl_matches_dense_loop(impl, reference, monkeypatch):
     assert not np.any(np.asarray(dparams[name][...])[DEAD]), (impl, name)
 
 
-def test_pallas_equals_ragged_bfloat16():
+def test_grouped_equals_ragged_dot_bfloat16(monkeypatch):
   x, _ = _inputs(seed=3)
-  outs = {}
-  for impl in ("ragged", "pallas"):
-    cfg = MoEConfig(d_model=D, hidden=F, num_experts=E, top_k=K, impl=impl,
-                    dtype="bfloat16", param_dtype="bfloat16")
-    outs[impl] = MoE(cfg, rngs=nnx.Rngs(1))(x, jnp.ones((B, L), bool))[0]
-  assert outs["pallas"].dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(outs["pallas"], np.float32),
-                             np.asarray(outs["ragged"], np.float32), atol=3e-2, rtol=3e-2)
+  cfg = MoEConfig(d_model=D, hidden=F, num_experts=E, top_k=K, impl="grouped",
+                  dtype="bfloat16", param_dtype="bfloat16")
+  run = lambda: MoE(cfg, rngs=nnx.Rngs(1))(x, jnp.ones((B, L), bool))[0]
+  out = run()
+  monkeypatch.setattr(experts_lib, "grouped_matmul", _ragged_dot_gmm)
+  want = run()
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32),
+                             atol=3e-2, rtol=3e-2)
+
+
+def test_deprecated_impl_names_resolve():
+  for old, new in (("einsum", "capacity"), ("ragged", "grouped"), ("ragged_dot", "grouped"),
+                   ("pallas", "grouped"), ("capacity", "capacity"), ("grouped", "grouped")):
+    assert resolve_impl(old) == new
+    assert MoEConfig(D, F, num_experts=E, top_k=K, impl=old).impl == new
+  with pytest.raises(ValueError, match="'magic'.*Fix: use 'capacity'"):
+    MoEConfig(D, F, num_experts=E, top_k=K, impl="magic")
 
 
 # ------------------------------------------------------------------------------ routing
@@ -120,16 +139,16 @@ def test_routing_round_trip_equals_dense():
   logits = jax.random.normal(kl, (T, n_exp)).at[:, 4].add(-50.0)  # expert 4: no token
   x_TD = jax.random.normal(kx, (T, d))
   w_EDD = jax.random.normal(kw, (n_exp, d, d))
-  weights_Tk, ids_Tk, probs_TE = routing.top_k_routing(logits, k)
+  weights_Tk, ids_Tk, probs_TE = router.top_k_routing(logits, k)
   np.testing.assert_allclose(jnp.sum(weights_Tk, -1), 1.0, rtol=1e-6)
-  order_A, sizes_E, inverse_A = routing.sort_by_expert(ids_Tk, n_exp)
+  order_A, sizes_E, inverse_A = router.sort_by_expert(ids_Tk, n_exp)
   assert int(sizes_E[4]) == 0 and int(jnp.sum(sizes_E)) == T * k
-  x_AD = routing.permute(x_TD, order_A, k)
+  x_AD = router.permute(x_TD, order_A, k)
   # Sorted rows really are grouped by expert, tokens in order inside a group.
   sorted_ids = ids_Tk.reshape(-1)[order_A]
   assert np.all(np.diff(np.asarray(sorted_ids)) >= 0)
   np.testing.assert_array_equal(jnp.take(order_A, inverse_A), jnp.arange(T * k))
   y_AD = jax.lax.ragged_dot(x_AD, w_EDD, sizes_E)
-  y_TD = routing.combine(y_AD, inverse_A, weights_Tk)
+  y_TD = router.combine(y_AD, inverse_A, weights_Tk)
   dense = jnp.einsum("td,tkde,tk->te", x_TD, w_EDD[ids_Tk], weights_Tk)
   np.testing.assert_allclose(y_TD, dense, atol=1e-5, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""Expert-parallel MoE on 8 simulated CPU devices equals the single-device MoE ('ragged').
+"""Expert-parallel MoE on 8 simulated CPU devices equals the single-device MoE ('grouped').
 
 XLA_FLAGS must be set before jax is imported and pytest runs every test file in one
 process, so the multi-device check runs this file as a subprocess; it prints one JSON line
@@ -16,11 +16,12 @@ TOL = 2e-5
 # (data, fsdp, expert, tensor) meshes of 8 devices, and the exchange to use.
 # "ragged-emulated" runs the ragged exchange's offset bookkeeping through an all_gather
 # emulation of ragged_all_to_all (XLA:CPU does not implement the real collective).
-# The local expert matmul is 'ragged' (lax.ragged_dot) except where it says 'pallas' (gmm).
-CASES = [((2, 1, 4, 1), "padded", "ragged"), ((1, 2, 2, 2), "padded", "ragged"),
-         ((1, 1, 8, 1), "padded", "pallas"), ((2, 1, 4, 1), "ragged-emulated", "pallas"),
-         ((1, 2, 2, 2), "ragged-emulated", "ragged"), ((2, 2, 2, 1), "padded-explicit", "ragged"),
-         ((2, 1, 4, 1), "ragged", "ragged")]
+# The local grouped matmul: "ragged_dot" is gmm's backend of that name (lax.ragged_dot),
+# "gmm" the platform's default (experts.grouped_matmul: on CPU gmm's tile scan).
+CASES = [((2, 1, 4, 1), "padded", "ragged_dot"), ((1, 2, 2, 2), "padded", "ragged_dot"),
+         ((1, 1, 8, 1), "padded", "gmm"), ((2, 1, 4, 1), "ragged-emulated", "gmm"),
+         ((1, 2, 2, 2), "ragged-emulated", "ragged_dot"),
+         ((2, 2, 2, 1), "padded-explicit", "ragged_dot"), ((2, 1, 4, 1), "ragged", "ragged_dot")]
 
 
 def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
@@ -47,7 +48,10 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
 
 def _ep_call(model, x_BLD, mesh, exchange, matmul):
   """What MoE.__call__ does under a mesh with expert > 1 (routing stays outside)."""
+  import functools
+  from kernels_pallas.gmm import gmm
   from tml_jax.model import moe_parallel
+  matmul = {"gmm": None, "ragged_dot": functools.partial(gmm, backend="ragged_dot")}[matmul]
   B, L, D = x_BLD.shape
   _, weights_BLk, ids_BLk, _ = model.route(x_BLD)
   wg, wu, wd = model.expert_weights()
@@ -67,7 +71,7 @@ def _main():
 
   assert jax.device_count() == 8, jax.devices()
   assert moe_parallel.expert_parallel_size() == 1  # no mesh set
-  cfg = MoEConfig(d_model=32, hidden=48, num_experts=8, top_k=2, impl="ragged")
+  cfg = MoEConfig(d_model=32, hidden=48, num_experts=8, top_k=2, impl="grouped")
   model = MoE(cfg, rngs=nnx.Rngs(0))
   # Skew: expert 0 gets many tokens, expert 7 none (its router column very negative).
   model.router[...] = model.router[...].at[0, 0].add(1.5).at[0, 7].add(-30.0)
@@ -122,7 +126,8 @@ def _main():
       diffs["d" + jax.tree_util.keystr(path)] = float(jnp.max(jnp.abs(g - want)))
     counts = np.bincount(np.asarray(model.route(x)[2]).reshape(-1), minlength=8)
     print(json.dumps({"mesh": shape, "exchange": exchange, "matmul": matmul,
-                      "counts": counts.tolist(), "diffs": diffs, "scale": float(jnp.max(jnp.abs(ref_y)))}), flush=True)
+                      "counts": counts.tolist(), "diffs": diffs,
+                      "scale": float(jnp.max(jnp.abs(ref_y)))}), flush=True)
 
 
 def _run_subprocess():

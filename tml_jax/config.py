@@ -87,10 +87,15 @@ def validate(config, num_devices: int | None = None) -> None:
     if m.top_k < 1 or m.top_k > m.num_experts:
       _fail("model.top_k", m.top_k, f"must be between 1 and num_experts={m.num_experts}",
             "lower top_k or add experts")
-    if m.moe_impl not in ("einsum", "ragged", "pallas"):
+    from tml_jax.model.moe import resolve_impl  # also maps the deprecated names
+    try:
+      impl = resolve_impl(m.moe_impl)
+    except ValueError:
+      impl = None
+    if impl is None:
       _fail("model.moe_impl", m.moe_impl, "unknown MoE implementation",
-            "use 'einsum', 'ragged' or 'pallas'")
-    if m.moe_impl == "einsum" and m.capacity_factor <= 0:
+            "use 'capacity' (drops tokens over capacity) or 'grouped' (dropless)")
+    if impl == "capacity" and m.capacity_factor <= 0:
       _fail("model.capacity_factor", m.capacity_factor, "must be positive", "use e.g. 1.25")
     expert_axis = int(config.mesh.expert)
     if expert_axis > 0 and m.num_experts % expert_axis:

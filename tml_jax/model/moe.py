@@ -1,9 +1,12 @@
-"""Feed-forward layers: a dense SwiGLU FFN and a top-k Mixture-of-Experts FFN.
+"""The top-k Mixture-of-Experts FFN and its two implementations (`model.moe_impl`).
 
-The MoE has three interchangeable expert computations, identical when no token is dropped:
-  einsum  GShard-style one-hot dispatch with a per-row capacity (drops overflow tokens)
-  ragged  dropless: sort assignments by expert, `jax.lax.ragged_dot` per projection
-  pallas  dropless: the same sort, our grouped matmul kernel (kernels_pallas.gmm)
+  capacity  capacity-factor dispatch (GShard): every expert takes at most C tokens per row,
+            C = capacity_factor * L * k / E; assignments over capacity are dropped.
+  grouped   dropless: assignments sorted by expert, one grouped matmul per projection
+            (`experts.grouped_matmul`: the Pallas gmm kernel on GPU and TPU, gmm's XLA tile
+            scan on CPU); with a mesh 'expert' axis > 1, expert-parallel (moe_parallel.py).
+The two agree exactly when nothing is dropped. `resolve_impl` maps the names used before
+(still in old configs and checkpoints) to these.
 
 Shapes: B batch, L length, T = B*L tokens, D model width, F expert hidden, E experts,
 k experts per token, A = T*k assignments, C capacity per expert and row.
@@ -18,35 +21,32 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels_pallas import routing
-from tml_jax.model import moe_parallel
+from tml_jax.model import moe_parallel, router
+from tml_jax.model.experts import DenseFFN, FFNConfig, expert_params, grouped_swiglu, swiglu
 from tml_jax.model.layers import DTYPES, fan_in_init, param
+from tml_jax.model.router import balance_loss, z_loss
+
+__all__ = ["MOE_IMPLS", "DenseFFN", "FFNConfig", "MoE", "MoEConfig", "balance_loss",
+           "capacity_dispatch", "dropless_moe", "expert_capacity", "resolve_impl", "z_loss"]
+
+MOE_IMPLS = ("capacity", "grouped")
+_DEPRECATED_IMPLS = {"einsum": "capacity", "ragged": "grouped", "ragged_dot": "grouped",
+                     "pallas": "grouped"}
 
 
-@dataclasses.dataclass(frozen=True)
-class FFNConfig:
-  d_model: int
-  hidden: int
-  dtype: str = "float32"
-  param_dtype: str = "float32"
+def resolve_impl(name: str) -> str:
+  """The canonical `model.moe_impl` for `name`: 'capacity' or 'grouped'.
 
-
-class DenseFFN(nnx.Module):
-  """SwiGLU."""
-
-  def __init__(self, cfg: FFNConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    D, F, pd = cfg.d_model, cfg.hidden, DTYPES[cfg.param_dtype]
-    self.w_gate = param(rngs, fan_in_init(D), (D, F), ("embed", "mlp"), pd)
-    self.w_up = param(rngs, fan_in_init(D), (D, F), ("embed", "mlp"), pd)
-    self.w_down = param(rngs, fan_in_init(F), (F, D), ("mlp", "embed"), pd)
-
-  def __call__(self, x_BLD, valid_BL=None):
-    del valid_BL
-    dt = DTYPES[self.cfg.dtype]
-    x = x_BLD.astype(dt)
-    h = jax.nn.silu(x @ self.w_gate[...].astype(dt)) * (x @ self.w_up[...].astype(dt))
-    return h @ self.w_down[...].astype(dt), {}
+  Deprecated: 'einsum' (-> 'capacity') and 'ragged', 'ragged_dot', 'pallas' (-> 'grouped'),
+  accepted for configs and checkpoints written before the rename.
+  """
+  if name in MOE_IMPLS:
+    return name
+  if name in _DEPRECATED_IMPLS:
+    return _DEPRECATED_IMPLS[name]
+  raise ValueError(f"model.moe_impl={name!r} is not a MoE implementation. Fix: use "
+                   "'capacity' (capacity-factor dispatch, drops tokens over capacity) or "
+                   "'grouped' (dropless grouped matmul)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,69 +56,32 @@ class MoEConfig:
   num_experts: int
   top_k: int
   shared_hidden: int = 0
-  impl: str = "ragged"
+  impl: str = "grouped"  # canonical after __post_init__ (see `resolve_impl`)
   capacity_factor: float = 1.25
   dtype: str = "float32"
   param_dtype: str = "float32"
 
-
-def balance_loss(probs_TE, ids_Tk, valid_T):
-  """Switch-style load balancing: E * sum_e f_e * P_e over valid tokens (1.0 when uniform).
-
-  f_e is the fraction of the T*k assignments sent to e; P_e the mean router probability.
-  """
-  T, E = probs_TE.shape
-  w_T = valid_T.astype(jnp.float32)
-  n = jnp.maximum(jnp.sum(w_T), 1.0)
-  counts_E = jnp.sum(jax.nn.one_hot(ids_Tk, E, dtype=jnp.float32) * w_T[:, None, None], (0, 1))
-  f_E = counts_E / (n * ids_Tk.shape[1])
-  p_E = jnp.sum(probs_TE * w_T[:, None], 0) / n
-  return E * jnp.sum(f_E * p_E)
+  def __post_init__(self):
+    object.__setattr__(self, "impl", resolve_impl(self.impl))
 
 
-def z_loss(logits_TE, valid_T):
-  """Router z-loss (ST-MoE): mean squared log-partition, keeps router logits small."""
-  w_T = valid_T.astype(jnp.float32)
-  lse_T = jax.nn.logsumexp(logits_TE.astype(jnp.float32), axis=-1)
-  return jnp.sum(lse_T ** 2 * w_T) / jnp.maximum(jnp.sum(w_T), 1.0)
-
-
-def swiglu_experts_grouped(x_AD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, matmul):
-  """The expert FFN on expert-sorted rows, with `matmul(lhs, rhs, group_sizes)` grouped."""
-  h = jax.nn.silu(matmul(x_AD, w_gate_EDF, group_sizes_E)) * matmul(x_AD, w_up_EDF,
-                                                                    group_sizes_E)
-  return matmul(h.astype(x_AD.dtype), w_down_EFD, group_sizes_E)
-
-
-def _ragged_dot(lhs, rhs, group_sizes):
-  return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=lhs.dtype)
-
-
-def _pallas_gmm(lhs, rhs, group_sizes):
-  from kernels_pallas.gmm import gmm
-  return gmm(lhs, rhs, group_sizes)
-
-
-GROUPED_MATMULS = {"ragged": _ragged_dot, "pallas": _pallas_gmm}
-
-
-def capacity(tokens_per_row: int, cfg: MoEConfig) -> int:
+def expert_capacity(tokens_per_row: int, cfg: MoEConfig) -> int:
   return max(1, math.ceil(cfg.capacity_factor * tokens_per_row * cfg.top_k / cfg.num_experts))
 
 
-def einsum_dispatch(x_BLD, weights_BLk, ids_BLk, valid_BL, experts_fn, cfg: MoEConfig):
+def capacity_dispatch(x_BLD, weights_BLk, ids_BLk, valid_BL, experts_fn, cfg: MoEConfig):
   """GShard-style capacity dispatch with one group per batch row; overflow is dropped.
 
   Priority inside an expert: first choices of all tokens, then second choices, ... (so a
   token's top-1 is kept before anyone's top-2), token order within a choice level. The
-  expert FFN runs as one einsum over a dense [E, B*C, D] buffer. Tokens move in and out of
-  the buffer by index (scatter/gather), not by GShard's one-hot [B, L, E, C] einsum: same
-  result, but O(B*L*k*D) instead of O(B*L*E*C*D) work, which dominates on a CPU.
-  Note: with capacity, whether a token is dropped depends on later tokens of its row.
+  expert FFN runs as one batched matmul over a dense [E, B*C, D] buffer. Tokens move in
+  and out of the buffer by index (scatter/gather), not by GShard's one-hot [B, L, E, C]
+  einsum: same result, but O(B*L*k*D) instead of O(B*L*E*C*D) work, which dominates on
+  a CPU. Note: with capacity, whether a token is dropped depends on later tokens of its row.
   """
   B, L, D = x_BLD.shape
   E, k = cfg.num_experts, cfg.top_k
-  C = capacity(L, cfg)
+  C = expert_capacity(L, cfg)
   onehot_BkLE = jnp.swapaxes(jax.nn.one_hot(ids_BLk, E, dtype=jnp.int32), 1, 2)
   onehot_BkLE = onehot_BkLE * valid_BL[:, None, :, None].astype(jnp.int32)
   position_BkLE = (jnp.cumsum(onehot_BkLE.reshape(B, k * L, E), axis=1) - 1).reshape(B, k, L, E)
@@ -138,27 +101,32 @@ def einsum_dispatch(x_BLD, weights_BLk, ids_BLk, valid_BL, experts_fn, cfg: MoEC
   return y.astype(x_BLD.dtype), dropped
 
 
+def dropless_moe(x_TD, weights_Tk, ids_Tk, w_gate_EDF, w_up_EDF, w_down_EFD):
+  """Σ_j weights[t, j] · expert_{ids[t, j]}(x[t]) by grouped matmuls, nothing dropped."""
+  if moe_parallel.expert_parallel_size() > 1:
+    # Experts sharded over the mesh's 'expert' axis: all-to-all token dispatch.
+    return moe_parallel.expert_parallel_moe(x_TD, weights_Tk, ids_Tk, w_gate_EDF, w_up_EDF,
+                                            w_down_EFD)
+  order_A, sizes_E, inverse_A = router.sort_by_expert(ids_Tk, w_gate_EDF.shape[0])
+  x_AD = router.permute(x_TD, order_A, ids_Tk.shape[1])
+  y_AD = grouped_swiglu(x_AD, w_gate_EDF, w_up_EDF, w_down_EFD, sizes_E)
+  return router.combine(y_AD, inverse_A, weights_Tk)
+
+
 class MoE(nnx.Module):
 
   def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
-    if cfg.impl not in ("einsum", *GROUPED_MATMULS):
-      raise ValueError(f"model.moe_impl={cfg.impl!r}: use 'einsum', 'ragged' or 'pallas'")
     self.cfg = cfg
-    D, F, E, pd = cfg.d_model, cfg.hidden, cfg.num_experts, DTYPES[cfg.param_dtype]
+    D, E, pd = cfg.d_model, cfg.num_experts, DTYPES[cfg.param_dtype]
     # The router stays float32: top-k on bf16 logits flips near-ties between steps.
     self.router = param(rngs, fan_in_init(D), (D, E), ("embed", None), jnp.float32)
-    self.w_gate = param(rngs, fan_in_init(D), (E, D, F), ("expert", "embed", "expert_mlp"), pd)
-    self.w_up = param(rngs, fan_in_init(D), (E, D, F), ("expert", "embed", "expert_mlp"), pd)
-    self.w_down = param(rngs, fan_in_init(F), (E, F, D), ("expert", "expert_mlp", "embed"), pd)
+    self.w_gate, self.w_up, self.w_down = expert_params(rngs, D, cfg.hidden, E, pd)
     self.shared = (DenseFFN(FFNConfig(D, cfg.shared_hidden, cfg.dtype, cfg.param_dtype),
                             rngs=rngs) if cfg.shared_hidden else None)
 
   def route(self, x_BLD):
-    logits = jnp.einsum("bld,de->ble", x_BLD.astype(jnp.float32), self.router[...])
-    w, ids, probs = routing.top_k_routing(logits.reshape(-1, logits.shape[-1]),
-                                          self.cfg.top_k)
-    B, L = x_BLD.shape[:2]
-    return logits, w.reshape(B, L, -1), ids.reshape(B, L, -1), probs
+    """(logits_BLE, weights_BLk, ids_BLk, probs_TE); see `router.route`."""
+    return router.route(x_BLD, self.router[...], self.cfg.top_k)
 
   def expert_weights(self):
     dt = DTYPES[self.cfg.dtype]
@@ -173,25 +141,13 @@ class MoE(nnx.Module):
     aux = {"balance": balance_loss(probs_TE, ids_BLk.reshape(B * L, -1), valid_T),
            "z": z_loss(logits_BLE.reshape(B * L, -1), valid_T)}
     wg, wu, wd = self.expert_weights()
-    if cfg.impl == "einsum":
-      def experts(x_ENd):
-        h = jax.nn.silu(jnp.einsum("end,edf->enf", x_ENd, wg)) * jnp.einsum(
-            "end,edf->enf", x_ENd, wu)
-        return jnp.einsum("enf,efd->end", h, wd)
-      y, dropped = einsum_dispatch(x, weights_BLk, ids_BLk, valid_BL, experts, cfg)
+    if cfg.impl == "capacity":
+      experts = lambda x_END: swiglu(x_END, wg, wu, wd)  # batched over E
+      y, dropped = capacity_dispatch(x, weights_BLk, ids_BLk, valid_BL, experts, cfg)
       aux["dropped_fraction"] = dropped / jnp.maximum(jnp.sum(valid_T) * cfg.top_k, 1)
     else:
-      ids_Tk = ids_BLk.reshape(B * L, -1)
-      if moe_parallel.expert_parallel_size() > 1:
-        # Experts sharded over the mesh's 'expert' axis: all-to-all token dispatch.
-        y = moe_parallel.expert_parallel_moe(
-            x.reshape(B * L, D), weights_BLk.reshape(B * L, -1), ids_Tk, wg, wu, wd,
-            matmul=cfg.impl).reshape(B, L, D)
-      else:
-        order_A, sizes_E, inverse_A = routing.sort_by_expert(ids_Tk, cfg.num_experts)
-        x_AD = routing.permute(x.reshape(B * L, D), order_A, cfg.top_k)
-        y_AD = swiglu_experts_grouped(x_AD, wg, wu, wd, sizes_E, GROUPED_MATMULS[cfg.impl])
-        y = routing.combine(y_AD, inverse_A, weights_BLk.reshape(B * L, -1)).reshape(B, L, D)
+      y = dropless_moe(x.reshape(B * L, D), weights_BLk.reshape(B * L, -1),
+                       ids_BLk.reshape(B * L, -1), wg, wu, wd).reshape(B, L, D)
     if self.shared is not None:
       y = y + self.shared(x)[0]
     return y, aux

@@ -7,7 +7,7 @@ Inside `jax.shard_map`, each device
   3. sends every assignment's row to the device owning its expert (all_to_all),
   4. runs its El local experts on what it received with a grouped matmul,
   5. sends the results back the same way and combines them with the routing weights.
-Nothing is dropped: this is the dropless 'ragged'/'pallas' MoE, distributed.
+Nothing is dropped: this is the dropless 'grouped' MoE, distributed.
 
 Two exchanges, identical in result:
   padded  `all_to_all` of fixed-size buffers: per destination one buffer of A rows (A =
@@ -36,7 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from kernels_pallas import routing
+from tml_jax.model import router
+from tml_jax.model.experts import grouped_swiglu
 
 TOKEN_AXES = ("data", "fsdp", "expert")
 EXPERT_AXIS = "expert"
@@ -57,7 +58,7 @@ def expert_parallel_size(mesh=None) -> int:
 
 
 def expert_parallel_moe(x_TD, weights_Tk, ids_Tk, w_gate_EDF, w_up_EDF, w_down_EFD, *,
-                        mesh=None, matmul: Callable | str = "ragged",
+                        mesh=None, matmul: Callable | None = None,
                         exchange: str | None = None):
   """Σ_j weights[t, j] · expert_{ids[t, j]}(x[t]) with experts sharded over 'expert'.
 
@@ -65,8 +66,8 @@ def expert_parallel_moe(x_TD, weights_Tk, ids_Tk, w_gate_EDF, w_up_EDF, w_down_E
   ("data", "fsdp", "expert") that exist (T must divide evenly). Expert weights: global,
   sharded over 'expert' on E (and over 'tensor' on F when that axis is > 1; any other
   sharding is resharded by shard_map on entry). Returns y_TD sharded like x_TD.
-  matmul: 'ragged' | 'pallas' (the MoE impl names) or a grouped matmul
-  `(lhs[m, k], rhs[g, k, n], group_sizes[g]) -> [m, n]`.
+  matmul: the local grouped matmul `(lhs[m, k], rhs[g, k, n], group_sizes[g]) -> [m, n]`;
+  None: `experts.grouped_matmul` (the platform's gmm).
   exchange: 'ragged' | 'padded' | None (ragged on GPU/TPU, padded on CPU).
   """
   mesh = _active_mesh(mesh)
@@ -92,15 +93,11 @@ def expert_parallel_moe(x_TD, weights_Tk, ids_Tk, w_gate_EDF, w_up_EDF, w_down_E
     exchange = "padded" if jax.default_backend() == "cpu" else "ragged"
   if exchange not in ("ragged", "padded"):
     raise ValueError(f"exchange={exchange!r}: use 'ragged', 'padded' or None")
-  # Imported here so that moe.py can import this module without a cycle.
-  from tml_jax.model import moe as moe_lib
-  if isinstance(matmul, str):
-    matmul = moe_lib.GROUPED_MATMULS[matmul]
 
   tok = P(token_axes, None)
   w_in = P(EXPERT_AXIS, None, tensor_axis)
   w_out = P(EXPERT_AXIS, tensor_axis, None)
-  experts = functools.partial(moe_lib.swiglu_experts_grouped, matmul=matmul)
+  experts = functools.partial(grouped_swiglu, matmul=matmul)
   local = functools.partial(_local_moe, num_experts=E, ep=ep, tensor_axis=tensor_axis,
                             experts=experts, exchange=exchange)
   in_specs = (tok, tok, tok, w_in, w_in, w_out)
@@ -117,14 +114,14 @@ def _local_moe(x_TD, weights_Tk, ids_Tk, wg_EDF, wu_EDF, wd_EFD, *, num_experts,
                tensor_axis, experts, exchange):
   E, k = num_experts, ids_Tk.shape[1]
   El = E // ep
-  order_A, sizes_E, inverse_A = routing.sort_by_expert(ids_Tk, E)
-  x_AD = routing.permute(x_TD, order_A, k)
+  order_A, sizes_E, inverse_A = router.sort_by_expert(ids_Tk, E)
+  x_AD = router.permute(x_TD, order_A, k)
   # recv_SE[s, e]: rows source s sends for my local expert e.
   recv_SE = jax.lax.all_to_all(sizes_E.reshape(ep, El), EXPERT_AXIS, 0, 0, tiled=True)
   local_experts = lambda rows, sizes: experts(rows, wg_EDF, wu_EDF, wd_EFD, sizes)
   swap = _swap_ragged if exchange == "ragged" else _swap_padded
   y_AD = swap(x_AD, sizes_E.reshape(ep, El), recv_SE, local_experts)
-  y_TD = routing.combine(y_AD, inverse_A, weights_Tk)
+  y_TD = router.combine(y_AD, inverse_A, weights_Tk)
   if tensor_axis is not None:  # partial sums over the F shards
     y_TD = jax.lax.psum(y_TD, tensor_axis)
   return y_TD

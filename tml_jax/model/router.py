@@ -1,13 +1,13 @@
-"""MoE routing: top-k gating, permutation metadata (tokens sorted by expert) and combine.
+"""MoE routing: top-k gating, the auxiliary losses, permutation metadata and combine.
 
-Shapes: T tokens, E experts, k experts per token, A = T * k assignments, D features.
+Shapes: B batch, L length, T tokens, E experts, k experts per token, A = T * k
+assignments, D features.
 
-Decision (issue 6): no Pallas kernel for any routing step; they stay plain jnp.
-
-Measured (`python benchmarks/moe.py --cpu`, tiny config: T = 8*800 tokens, E = 8, k = 2,
-D = 256, float32, forward only, 2-core shared CPU, 2026-11-22): top_k_routing 0.9 ms,
-sort_by_expert 0.6 ms, permute 1.2 ms, combine 2.8 ms; together 0.5% of the MoE layer's
-forward+backward (~1.1 s with moe_impl='pallas'). Nothing to win on CPU.
+No Pallas kernel for any routing step; they stay plain jnp. Measured
+(`python benchmarks/moe.py --cpu`, tiny config: T = 8*800 tokens, E = 8, k = 2, D = 256,
+float32, forward only, 2-core shared CPU, 2026-11-22): top_k_routing 0.9 ms, sort_by_expert
+0.6 ms, permute 1.2 ms, combine 2.8 ms; together 0.5% of the MoE layer's forward+backward
+(~1.1 s with the grouped impl). Nothing to win on CPU.
 
 GPU, by arithmetic (H100, bf16, D = 2048, 64k tokens, top-8, F = 1408): top-k over [T, E]
 and the argsort of A = T*k int32 keys (a radix sort) take tens of microseconds. permute and
@@ -24,12 +24,45 @@ import jax
 import jax.numpy as jnp
 
 
+def route(x_BLD, w_router_DE, k: int):
+  """(logits_BLE, weights_BLk, ids_BLk, probs_TE) of a float32 softmax router.
+
+  The router stays float32: top-k on bf16 logits flips near-ties between steps.
+  """
+  B, L, _ = x_BLD.shape
+  logits_BLE = jnp.einsum("bld,de->ble", x_BLD.astype(jnp.float32),
+                          w_router_DE.astype(jnp.float32))
+  w_Tk, ids_Tk, probs_TE = top_k_routing(logits_BLE.reshape(B * L, -1), k)
+  return logits_BLE, w_Tk.reshape(B, L, k), ids_Tk.reshape(B, L, k), probs_TE
+
+
 def top_k_routing(logits_TE, k: int):
   """Softmax router; returns (weights_Tk renormalised to sum 1, expert ids_Tk, probs_TE)."""
   probs_TE = jax.nn.softmax(logits_TE.astype(jnp.float32), axis=-1)
   weights_Tk, ids_Tk = jax.lax.top_k(probs_TE, k)
   weights_Tk = weights_Tk / jnp.sum(weights_Tk, axis=-1, keepdims=True)
   return weights_Tk, ids_Tk.astype(jnp.int32), probs_TE
+
+
+def balance_loss(probs_TE, ids_Tk, valid_T):
+  """Switch-style load balancing: E * sum_e f_e * P_e over valid tokens (1.0 when uniform).
+
+  f_e is the fraction of the T*k assignments sent to e; P_e the mean router probability.
+  """
+  T, E = probs_TE.shape
+  w_T = valid_T.astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(w_T), 1.0)
+  counts_E = jnp.sum(jax.nn.one_hot(ids_Tk, E, dtype=jnp.float32) * w_T[:, None, None], (0, 1))
+  f_E = counts_E / (n * ids_Tk.shape[1])
+  p_E = jnp.sum(probs_TE * w_T[:, None], 0) / n
+  return E * jnp.sum(f_E * p_E)
+
+
+def z_loss(logits_TE, valid_T):
+  """Router z-loss (ST-MoE): mean squared log-partition, keeps router logits small."""
+  w_T = valid_T.astype(jnp.float32)
+  lse_T = jax.nn.logsumexp(logits_TE.astype(jnp.float32), axis=-1)
+  return jnp.sum(lse_T ** 2 * w_T) / jnp.maximum(jnp.sum(w_T), 1.0)
 
 
 def sort_by_expert(ids_Tk, num_experts: int):
