@@ -38,10 +38,10 @@ def main():
   args = p.parse_args()
 
   from configs.interaction import get_config
-  from tml_jax import sharding as shd
   from tml_jax.batch import random_batch
   from tml_jax.flops import train_step_flops
-  from tml_jax.trainer import Setup, to_global
+  from tml_jax.train import sharding as shd
+  from tml_jax.train.state import Setup
 
   config = get_config(args.config)
   for kv in args.set:
@@ -57,7 +57,7 @@ def main():
   batch = random_batch(setup.cfg.layout, batch=config.train.batch_size,
                        num_chunks=config.layout.num_chunks)
   flops = train_step_flops(setup.cfg, batch["meta"])
-  gb = to_global(batch, setup.batch_sharding)
+  gb = shd.to_global(batch, setup.batch_sharding)
   state = setup.init()
   t0 = time.perf_counter()
   state, m = setup.train_step(state, gb, jax.random.key(0))

@@ -83,10 +83,9 @@ def _model(**overrides) -> mlc.ConfigDict:
   c.top_k = 2
   c.expert_hidden = 640
   c.shared_expert_hidden = 0  # 0: no shared expert
-  # "einsum" (capacity) | "ragged" (lax.ragged_dot) | "pallas" (kernels_pallas.gmm). On a CPU
-  # ragged_dot is a dense masked product over all experts (~7x slower here), while gmm's CPU
-  # path (a scan of dense tiles) is as fast as einsum and drops nothing: benchmarks/moe.py.
-  c.moe_impl = "pallas"
+  # "grouped" (dropless grouped matmul: Pallas gmm on GPU/TPU, its tile scan on CPU, as fast
+  # as "capacity" there) | "capacity" (drops tokens over capacity): benchmarks/moe.py.
+  c.moe_impl = "grouped"
   c.capacity_factor = 1.25
   c.vocab_size = 272        # bytes + 16 control tokens (tml_jax.text.tokenizer)
   c.n_mels = 80
@@ -100,6 +99,9 @@ def _model(**overrides) -> mlc.ConfigDict:
   c.param_dtype = "float32"
   c.rope_theta = 10_000.0
   c.norm_eps = 1e-6
+  # A binary "speak in chunk t+1" head beside the text softmax; the engine stays silent
+  # when it says no (serve.speak_threshold). False for configs saved before it existed.
+  c.speak_gate = True
   c.update(overrides)
   return c
 
@@ -118,9 +120,9 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
       batch_size=6, num_steps=240, lr=3e-3, warmup_steps=20, min_lr_ratio=0.1,
       weight_decay=0.05, clip_norm=1.0, b2=0.98,
       log_every=10, eval_every=60, eval_batches=4, checkpoint_every=60, keep_checkpoints=3,
-      time_budget_s=20 * 60.0, final_report=True, inject_nan_step=-1,
+      time_budget_s=20 * 60.0,
       loss_weights=mlc.ConfigDict(dict(text=1.0, audio=1.0, balance=0.01, z=1e-3,
-                                       background=1.0)),
+                                       background=1.0, speak=1.0)),
   ))
   config.data = mlc.ConfigDict(dict(
       dir="", num_train=300, num_validation=24, num_test=40, conversation_s=24.0, seed=0,
@@ -134,6 +136,7 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   ))
   config.serve = mlc.ConfigDict(dict(
       temperature=0.0, griffin_lim_iters=4, seed=0,
+      speak_threshold=0.5,  # P(speak) below it: the micro-turn is silent (speak gate only)
   ))
 
   if variant == "tiny":
@@ -146,7 +149,7 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
     config.model.update(dict(
         d_model=1536, num_layers=16, num_heads=12, num_kv_heads=4, head_dim=128,
         num_experts=8, top_k=2, expert_hidden=3072, flow_hidden=1024, dtype="bfloat16",
-        attention_backend="pallas", moe_impl="pallas"))
+        attention_backend="pallas", moe_impl="grouped"))
     config.train.update(dict(batch_size=16, lr=3e-4, num_steps=50_000, warmup_steps=1000,
                              time_budget_s=0.0))
   elif variant == "tml_small":
@@ -158,7 +161,7 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
         d_model=5120, num_layers=48, num_heads=40, num_kv_heads=8, head_dim=128,
         num_experts=128, top_k=4, expert_hidden=2880, shared_expert_hidden=512,
         flow_hidden=2048, dtype="bfloat16", param_dtype="bfloat16",
-        attention_backend="pallas", moe_impl="pallas"))
+        attention_backend="pallas", moe_impl="grouped"))
     config.mesh = mlc.ConfigDict(dict(data=-1, fsdp=16, expert=16, tensor=4))
     config.train.update(dict(batch_size=256, lr=1.5e-4, num_steps=200_000, warmup_steps=2000,
                              time_budget_s=0.0))

@@ -12,17 +12,17 @@ from flax import nnx
 
 from configs.interaction import get_config
 from tml_jax.batch import random_batch
+from tml_jax.data.background_targets import target_sequence
 from tml_jax.data.pipeline import MicroTurnExample
 from tml_jax.data.templates import FACTS
 from tml_jax.microturn import ChunkLayout
-from tml_jax.losses import compute_losses
 from tml_jax.microturn import context_mask
-from tml_jax.model.background import target_sequence
 from tml_jax.model.transformer import InteractionModel, ModelConfig
 from tml_jax.serve.worker import BackgroundWorker, Job, solve
 from tml_jax.text import tokenizer as tok
 from tml_jax.tools import (CalculatorError, Reminders, ToolBox, ToolContext, ToolError,
                            evaluate)
+from tml_jax.train.losses import compute_losses
 
 WEIGHTS = dict(text=1.0, audio=1.0, balance=0.01, z=1e-3, background=1.0)
 

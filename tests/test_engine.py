@@ -35,9 +35,9 @@ def ring_model():
 def workdir(tmp_path_factory):
   """A trainer workdir as the trainer leaves it: config.json + an orbax checkpoint."""
   import orbax.checkpoint as ocp
-  from tml_jax import sharding as shd
-  from tml_jax.checkpoint import Checkpointer
-  from tml_jax.trainer import Setup
+  from tml_jax.train import sharding as shd
+  from tml_jax.train.checkpoint import Checkpointer
+  from tml_jax.train.state import Setup
   w = str(tmp_path_factory.mktemp("workdir"))
   config = get_config("tiny,smoke")
   config.seed = 3
@@ -318,7 +318,7 @@ def test_model_emitted_delegate_triggers_the_worker(engine, rng, tmp_path):
 
 def test_capacity_moe_is_refused_for_streaming():
   c = get_config("tiny,smoke")
-  c.model.moe_impl = "einsum"
+  c.model.moe_impl = "capacity"
   model = InteractionModel(ModelConfig.from_config(c), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="dropless"):
     StreamingModel(model, flow_steps=1)

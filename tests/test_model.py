@@ -14,6 +14,7 @@ from tml_jax.microturn import Segment, TokenMeta
 from tml_jax.model.flow import FlowConfig, FlowHead
 from tml_jax.model.moe import MoE, MoEConfig, balance_loss
 from tml_jax.model.transformer import InteractionModel, ModelConfig, count_params
+from tml_jax.train.losses import flow_matching_loss
 
 
 def tiny_config(**model):
@@ -76,19 +77,19 @@ def _loop_moe(moe: MoE, x_TD):
   return jnp.stack(rows)
 
 
-def test_moe_einsum_ragged_loop_agree(rng):
+def test_moe_capacity_grouped_loop_agree(rng):
   B, L, D = 2, 12, 16
   seed = int(rng.integers(1 << 30))
   mk = lambda impl: MoE(MoEConfig(D, 24, num_experts=4, top_k=2, impl=impl,
                                   capacity_factor=4.0), rngs=nnx.Rngs(seed))
-  moes = {impl: mk(impl) for impl in ("einsum", "ragged")}
+  moes = {impl: mk(impl) for impl in ("capacity", "grouped")}
   # Skew the router so one expert is popular and another may be empty.
   bias = jnp.asarray(rng.normal(size=(D, 4)) * 2, jnp.float32)
   for m in moes.values():
     m.router[...] = m.router[...] + bias
   x = jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32)
   valid = jnp.ones((B, L), bool)
-  ref = _loop_moe(moes["ragged"], x.reshape(-1, D)).reshape(B, L, D)
+  ref = _loop_moe(moes["grouped"], x.reshape(-1, D)).reshape(B, L, D)
   probe = jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32)
 
   def loss(m, x):
@@ -100,20 +101,20 @@ def test_moe_einsum_ragged_loop_agree(rng):
     (val, aux), (g_m, g_x) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(m, x)
     np.testing.assert_allclose(m(x, valid)[0], ref, rtol=1e-5, atol=1e-5)
     grads[impl] = (g_m, g_x)
-    if impl == "einsum":
+    if impl == "capacity":
       assert float(aux["dropped_fraction"]) == 0.0
-  g_ref = jax.grad(lambda x: jnp.sum(_loop_moe(moes["ragged"], x.reshape(-1, D)).reshape(B, L, D)
+  g_ref = jax.grad(lambda x: jnp.sum(_loop_moe(moes["grouped"], x.reshape(-1, D)).reshape(B, L, D)
                                      * probe))(x)
   for impl, (g_m, g_x) in grads.items():
     np.testing.assert_allclose(g_x, g_ref, rtol=1e-4, atol=1e-5)
-  for a, b in zip(jax.tree.leaves(nnx.state(grads["einsum"][0])),
-                  jax.tree.leaves(nnx.state(grads["ragged"][0]))):
+  for a, b in zip(jax.tree.leaves(nnx.state(grads["capacity"][0])),
+                  jax.tree.leaves(nnx.state(grads["grouped"][0]))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_einsum_drops_beyond_capacity():
+def test_capacity_drops_beyond_capacity():
   D = 8
-  m = MoE(MoEConfig(D, 8, num_experts=4, top_k=1, impl="einsum", capacity_factor=0.5),
+  m = MoE(MoEConfig(D, 8, num_experts=4, top_k=1, impl="capacity", capacity_factor=0.5),
           rngs=nnx.Rngs(0))
   m.router[...] = jnp.zeros((D, 4)).at[:, 0].set(10.0)  # every token wants expert 0
   x = jnp.abs(jax.random.normal(jax.random.key(1), (1, 16, D)))
@@ -148,7 +149,7 @@ def test_flow_head_learns_bimodal_target(rng):
   def step(head, opt, key):
     k1, k2 = jax.random.split(key)
     cond, x1 = sample_data(k1, 256)
-    loss, g = nnx.value_and_grad(lambda h: h.loss(cond, x1, k2))(head)
+    loss, g = nnx.value_and_grad(lambda h: flow_matching_loss(h, cond, x1, k2))(head)
     opt.update(head, g)
     return loss
 
@@ -219,12 +220,12 @@ def test_param_counts():
 def test_pallas_attention_backend_matches_reference(rng):
   """Same loss and gradients with the Pallas kernel (interpret mode on CPU) as with the
   dense reference."""
-  from tml_jax.losses import compute_losses
+  from tml_jax.train.losses import compute_losses
   weights = dict(text=1.0, audio=1.0, balance=0.01, z=1e-3, background=1.0)
   results = {}
   seed = int(rng.integers(1 << 30))
   for backend in ("reference", "pallas"):
-    config = tiny_config(attention_backend=backend, moe_impl="ragged")
+    config = tiny_config(attention_backend=backend, moe_impl="grouped")
     cfg, model = build(config, seed=seed)
     batch = random_batch(cfg.layout, batch=1, num_chunks=4, num_docs=2, pad_chunks=1, seed=seed)
     loss, grads = nnx.value_and_grad(

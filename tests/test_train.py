@@ -12,8 +12,26 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["--config=configs/interaction.py:tiny,smoke", "--config.train.log_every=1",
-        "--config.train.eval_every=1000", "--config.train.checkpoint_every=3",
-        "--config.train.final_report=False"]
+        "--config.train.eval_every=1000", "--config.train.checkpoint_every=3"]
+
+# `python -m tml_jax.train` as these tests run it: without the end-of-run report (they check
+# checkpoints and metrics; the report costs an evaluation), and with `--nan_step=N` feeding
+# step N a batch whose audio targets are NaN (the poisoned batch the non-finite guard is for).
+TRAINER = textwrap.dedent("""
+    import functools
+    from absl import app, flags
+    from tml_jax.train import __main__ as cli
+    from tml_jax.train import state
+    nan_step = flags.DEFINE_integer("nan_step", -1, "step fed a NaN batch (-1: none)")
+    train_step = state.Setup.train_step
+    def poisoned(self, st, batch, rng):
+      if nan_step.value >= 0 and int(st["step"]) == nan_step.value:
+        batch = dict(batch, audio_target=batch["audio_target"] * float("nan"))
+      return train_step(self, st, batch, rng)
+    state.Setup.train_step = poisoned
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(functools.partial(cli.main, final_report=False))
+""")
 
 
 # Trainer subprocesses compile the same smoke programs again and again: share a persistent
@@ -29,8 +47,7 @@ def _env(**extra):
 
 
 def train_cmd(workdir, overrides, *extra):
-  return [sys.executable, "-m", "tml_jax.train", *BASE, *overrides, f"--workdir={workdir}",
-          *extra]
+  return [sys.executable, "-c", TRAINER, *BASE, *overrides, f"--workdir={workdir}", *extra]
 
 
 def run_train(workdir, overrides, *extra, check=True):
@@ -112,7 +129,7 @@ def test_injected_nan_stops_with_a_checkpoint(smoke_corpus, tmp_path):
   _, overrides = smoke_corpus
   workdir = str(tmp_path / "nan")
   p = run_train(workdir, overrides, "--config.train.num_steps=8",
-                "--config.train.inject_nan_step=4", check=False)
+                "--nan_step=4", check=False)
   assert p.returncode != 0
   assert "non-finite loss or gradient at step 4" in p.stderr
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "4"))
@@ -145,19 +162,97 @@ def test_two_processes_train_then_one_restores(smoke_corpus, tmp_path):
   assert p.returncode == 0, p.stderr[-3000:]
   log0 = open(os.path.join(workdir, "process_0.log")).read()
   assert "2 process(es)" in log0 and "'data': 2" in log0
+  # The CLI's end-of-run report: measured by both processes, written once by process 0.
+  with open(os.path.join(workdir, "report.md")) as f:
+    assert f.read().startswith("# Training report (tiny)")
+  assert os.path.getsize(os.path.join(workdir, "loss_curves.png")) > 0
+  assert "validation" in json.load(open(os.path.join(workdir, "report.json")))
   p = run_train(workdir, overrides, "--config.train.num_steps=4")
   assert "resumed from step 3" in p.stdout
   assert max(losses(workdir)) == 4
+
+
+ENGINE_SCRIPT = textwrap.dedent("""
+    import builtins, json, sys
+    import numpy as np
+    workdir = sys.argv[1]
+    # Serving must not need the training dependencies: grain cannot be imported at all, and no
+    # tml_jax module may import optax, clu or TensorFlow (flax.nnx itself imports optax, so
+    # blocking optax outright would stop flax, not our code).
+    sys.modules["grain"] = None
+    real_import = builtins.__import__
+    def guarded(name, globals=None, locals=None, fromlist=(), level=0):
+      importer = (globals or {}).get("__name__") or ""
+      if importer.startswith("tml_jax") and name.split(".")[0] in ("optax", "clu", "tensorflow"):
+        raise ImportError(f"{importer} imports {name} on the serving path")
+      return real_import(name, globals, locals, fromlist, level)
+    builtins.__import__ = guarded
+    import jax
+    from flax import nnx
+    from tml_jax.serve.engine import Engine
+    engine = Engine.from_workdir(workdir, warmup=False)
+    served = nnx.to_pure_dict(engine.stream.state)
+    loaded = sorted(m for m in sys.modules if m.startswith("tml_jax.train"))
+    builtins.__import__ = real_import
+    del sys.modules["grain"]
+    # The trainer's view of the same step: its whole state, restored as a resume would.
+    import orbax.checkpoint as ocp
+    from tml_jax.serve.engine import load_config
+    from tml_jax.train import sharding as shd
+    from tml_jax.train.checkpoint import Checkpointer
+    from tml_jax.train.state import Setup
+    config = load_config(workdir)
+    setup = Setup(config, shd.make_mesh(config))
+    ckpt = Checkpointer(workdir, keep=100, async_save=False)
+    trained = ckpt.manager.restore(engine.step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(setup.abstract_state)))["state"]
+    ckpt.close()
+    a, b = jax.tree.leaves(served), jax.tree.leaves(trained["params"])
+    same = len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+    print(json.dumps(dict(step=engine.step, trained_step=int(trained["step"]), leaves=len(a),
+                          same=same, loaded=loaded)))
+""")
+
+
+def test_engine_restores_the_trained_params_without_grain(reference_run):
+  p = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, reference_run], cwd=ROOT,
+                     env=_env(), capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  r = json.loads(p.stdout.strip().splitlines()[-1])
+  assert r["step"] == r["trained_step"] == 8, r  # the newest checkpoint
+  assert r["same"] and r["leaves"] > 0, r
+  # Serving loaded the abstract state and the checkpoint reader, never the training loop.
+  assert "tml_jax.train.loop" not in r["loaded"], r["loaded"]
+
+
+def test_restore_params_steps_and_errors(reference_run, tmp_path):
+  import jax
+  from flax import nnx
+  from tml_jax.serve.engine import load_config
+  from tml_jax.train.checkpoint import restore_params
+  from tml_jax.train.state import params_abstract
+  config = load_config(reference_run)
+  _, abstract = params_abstract(config)
+  params, step = restore_params(reference_run, nnx.to_pure_dict(abstract), step=3)
+  assert step == 3 and len(jax.tree.leaves(params)) == len(jax.tree.leaves(abstract))
+  with pytest.raises(FileNotFoundError, match="train first"):
+    restore_params(str(tmp_path), nnx.to_pure_dict(abstract))
+  with pytest.raises(FileNotFoundError, match=r"step=5 .*saved steps are \[3, 6, 8\]"):
+    restore_params(reference_run, nnx.to_pure_dict(abstract), step=5)
+  config.model.d_model //= 2
+  _, wrong = params_abstract(config)
+  with pytest.raises(ValueError, match="config.json"):
+    restore_params(reference_run, nnx.to_pure_dict(wrong))
 
 
 MESH_SCRIPT = textwrap.dedent("""
     import os, sys, json
     import jax, jax.numpy as jnp, numpy as np
     from configs.interaction import get_config
-    from tml_jax import sharding as shd
     from tml_jax.batch import random_batch
-    from tml_jax.losses import compute_losses
-    from tml_jax.trainer import Setup, to_global
+    from tml_jax.train import sharding as shd
+    from tml_jax.train.losses import compute_losses
+    from tml_jax.train.state import Setup
     config = get_config("tiny,smoke")
     config.model.moe_impl = sys.argv[1]
     config.train.batch_size = 8
@@ -170,7 +265,7 @@ MESH_SCRIPT = textwrap.dedent("""
       mesh = shd.make_mesh(config, devs)
       setup = Setup(config, mesh)
       state = setup.init()
-      b = to_global(batch, setup.batch_sharding)
+      b = shd.to_global(batch, setup.batch_sharding)
       def loss_fn(params):
         return compute_losses(setup.model(params), b, jax.random.key(0), setup.weights)[0]
       with jax.set_mesh(mesh):
@@ -182,7 +277,7 @@ MESH_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("impl", ["pallas"])  # dropless: expert-parallel all-to-all path
+@pytest.mark.parametrize("impl", ["grouped"])  # dropless: expert-parallel all-to-all path
 def test_mesh_2x2x2_matches_one_device(impl, rng):
   p = subprocess.run([sys.executable, "-c", MESH_SCRIPT, impl, str(int(rng.integers(1 << 30)))],
                      cwd=ROOT, capture_output=True, text=True, timeout=600,

@@ -13,9 +13,13 @@ def _fail(field: str, value, problem: str, fix: str):
   raise ConfigError(f"config.{field}={value!r}: {problem}. Fix: {fix}")
 
 
+# The device mesh's axes, in mesh order (tml_jax.train.sharding builds the mesh from them).
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+
 def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
   """Resolve the mesh axes (one may be -1: it takes the devices the others leave)."""
-  axes = {a: int(mesh_cfg[a]) for a in ("data", "fsdp", "expert", "tensor")}
+  axes = {a: int(mesh_cfg[a]) for a in MESH_AXES}
   free = [a for a, n in axes.items() if n == -1]
   if len(free) > 1:
     _fail(f"mesh.{free[1]}", -1, "only one mesh axis may be -1", "set the others explicitly")

@@ -21,6 +21,8 @@ import math
 import grain
 import numpy as np
 
+from tml_jax import probe
+from tml_jax.data.background_targets import target_sequence
 from tml_jax.microturn import ChunkLayout, Segment, TextFifo, TokenMeta
 from tml_jax.text import tokenizer as tok
 from tml_jax.vision import patches as patch_lib
@@ -38,7 +40,7 @@ class MicroTurnExample(grain.transforms.RandomMap):
                video_size=(80, 80), patch: int = 40, random_crop: bool = True,
                bg_delegations: int = 0, bg_len: int = 96):
     self.layout, self.num_chunks, self.chunk_s = layout, num_chunks, chunk_ms / 1000
-    # Background-model targets (tml_jax.model.background): up to `bg_delegations` per crop.
+    # Background-model targets (tml_jax.data.background_targets): up to `bg_delegations` per crop.
     self.bg_delegations, self.bg_len = bg_delegations, bg_len
     self.video_size, self.patch, self.random_crop = tuple(video_size), patch, random_crop
     self.frames = layout.user_audio
@@ -84,6 +86,9 @@ class MicroTurnExample(grain.transforms.RandomMap):
     nxt = np.concatenate([mel[1:], np.full_like(mel[:1], -7.0)], axis=0)
     out["audio_target"] = nxt.reshape(total, A, (F // A) * mel.shape[-1])
     out["audio_mask"] = np.arange(total) < total - 1
+    # The speak gate's target: does the model's own channel hold speech in chunk t+1?
+    out["speak_target"] = np.concatenate([probe.voiced_chunks(mel)[1:], [False]])
+    out["speak_condition"] = probe.chunk_conditions(record, total, self.chunk_s)
 
     events = json.loads(_text(record["video_events_json"]))
     if lay.video:
@@ -99,7 +104,6 @@ class MicroTurnExample(grain.transforms.RandomMap):
   def _background(self, record, target) -> list:
     """(chunk, inputs, targets, mask) per delegation: the chunk is where its DELEGATE landed
     in the text targets (FIFO spill included), i.e. the micro-turn that emits it."""
-    from tml_jax.model.background import target_sequence
     events = sorted((e for e in json.loads(_text(record["events_json"]))
                      if e["kind"] == "delegation"), key=lambda e: e["start_s"])
     chunks = [int(c) for c, j in zip(*np.nonzero(target == tok.DELEGATE))]

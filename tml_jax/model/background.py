@@ -12,6 +12,8 @@ the format of the corpus' background results) when it is really finished.
 Each layer: causal self-attention over its own text (RoPE), cross-attention to the projected
 context (no positions: the context already carries them), SwiGLU. The context is not
 stop-gradiented, so the background loss also trains the interaction model's representations.
+Its targets are built by tml_jax.data.background_targets, its loss lives in
+tml_jax.train.losses.
 
 Shapes: B batch, N delegations per row, T text length, L context length, D background width,
 Dc interaction width, H heads, Dh head width, V vocabulary.
@@ -23,11 +25,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 from flax import nnx
 
-from tml_jax.microturn import TokenMeta, context_mask
 from tml_jax.model.layers import DTYPES, RMSNorm, fan_in_init, param, rope
 from tml_jax.model.moe import DenseFFN, FFNConfig
 from tml_jax.text import tokenizer as tok
@@ -140,46 +139,3 @@ class BackgroundModel(nnx.Module):
 
   def __call__(self, tokens_BNT, ctx_BLDc, ctx_mask_BNL):
     return self.decode(tokens_BNT, self.encode_context(ctx_BLDc), ctx_mask_BNL)
-
-
-def background_loss(bg: BackgroundModel, hidden_BLD, meta: TokenMeta, batch, window):
-  """Teacher-forced cross-entropy of the background targets (0 when the batch has none)."""
-  tokens, target = jnp.asarray(batch["bg_in"]), jnp.asarray(batch["bg_target"])
-  mask = jnp.asarray(batch["bg_mask"]) & (jnp.asarray(batch["bg_chunk"]) >= 0)[..., None]
-  logits = bg(tokens, hidden_BLD, context_mask(meta, batch["bg_chunk"], window))
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, target)
-  n = jnp.sum(mask).astype(jnp.float32)
-  return jnp.sum(ce * mask) / jnp.maximum(n, 1.0), n
-
-
-# ----------------------------------------------------------------------------- targets
-
-def tool_call(tool: str, question: str, result_text: str) -> tuple[str, str]:
-  """(name, args) of the call that answers a corpus delegation (tml_jax.data.scenarios)."""
-  if tool in ("calculator", "clock"):
-    return tool, result_text.split(" = ")[0].strip()
-  return tool, question
-
-
-def target_sequence(tool: str, question: str, result_text: str,
-                    max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(inputs, targets, loss mask) [max_len] of one delegation.
-
-  Sequence: TOOL name:args SEP RESULT result SEP answer EOT, answer = the result text (what
-  the corpus feeds back as TEXT_IN). The RESULT ... SEP span is the tool runner's, so it is
-  input only. Truncated to max_len; padding is PAD with mask False.
-  """
-  enc = tok.ByteTokenizer().encode
-  name, args = tool_call(tool, question, result_text)
-  call = [tok.TOOL] + enc(f"{name}:{args}") + [tok.SEP]
-  result = [tok.RESULT] + enc(result_text) + [tok.SEP]
-  answer = enc(result_text) + [tok.EOT]
-  seq = call + result + answer
-  learn = [True] * len(call) + [False] * len(result) + [True] * len(answer)
-  seq, learn = seq[:max_len], learn[:max_len]
-  target = np.full((max_len,), tok.PAD, np.int32)
-  target[:len(seq)] = seq
-  mask = np.zeros((max_len,), bool)
-  mask[:len(seq)] = learn
-  inputs = np.concatenate([[tok.BOS], target[:-1]]).astype(np.int32)
-  return inputs, target, mask

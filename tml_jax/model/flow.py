@@ -81,18 +81,6 @@ class FlowHead(nnx.Module):
     shift, scale, _ = jnp.split(c @ f32(self.w_mod[-1]), 3, axis=-1)
     return (_layer_norm(h) * (1 + scale) + shift) @ f32(self.w_out)
 
-  def loss(self, cond_ND, x1_NM, rng, weight_N=None):
-    """Conditional flow-matching loss (mean squared velocity error per element)."""
-    k_noise, k_t = jax.random.split(rng)
-    x0 = jax.random.normal(k_noise, x1_NM.shape, jnp.float32)
-    t = jax.random.uniform(k_t, x1_NM.shape[:-1], jnp.float32)
-    xt = (1 - t[..., None]) * x0 + t[..., None] * x1_NM
-    err = jnp.mean((self(cond_ND, xt, t) - (x1_NM - x0)) ** 2, axis=-1)
-    if weight_N is None:
-      return jnp.mean(err)
-    w = weight_N.astype(jnp.float32)
-    return jnp.sum(err * w) / jnp.maximum(jnp.sum(w), 1.0)
-
   def sample(self, cond_ND, rng, num_steps: int):
     """Euler integration of the learned ODE from noise (t=0) to data (t=1)."""
     x = jax.random.normal(rng, (*cond_ND.shape[:-1], self.cfg.out_dim), jnp.float32)

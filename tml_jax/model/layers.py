@@ -1,7 +1,7 @@
 """Small building blocks shared by the model files.
 
 Parameters carry their logical axis names in the `logical_axes` metadata field;
-`tml_jax.sharding` maps them to mesh axes with the config's one rule table. We keep the names
+`tml_jax.train.sharding` maps them to mesh axes with the config's one rule table. We keep the names
 in our own field instead of `nnx.with_partitioning` because flax 0.12 shards such variables
 eagerly at creation and then demands a mesh even for a CPU unit test.
 """

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tml_jax.audio.constants import LOG_MIN
 from tml_jax.microturn import CHUNK_SEGMENTS, ChunkLayout, Segment, TokenMeta
 from tml_jax.model import cache as kv_cache
 from tml_jax.model.attention import Attention, AttentionConfig, LayerCache
@@ -32,7 +33,8 @@ from tml_jax.model.background import BackgroundConfig, BackgroundModel
 from tml_jax.model.embed import Embeddings
 from tml_jax.model.flow import FlowConfig, FlowHead, denormalize_mel
 from tml_jax.model.layers import DTYPES, RMSNorm, fan_in_init, param
-from tml_jax.model.moe import DenseFFN, FFNConfig, MoE, MoEConfig
+from tml_jax.model.experts import DenseFFN, FFNConfig
+from tml_jax.model.moe import MoE, MoEConfig
 from tml_jax.text import tokenizer as tok
 
 
@@ -54,7 +56,10 @@ class ModelConfig:
   dtype: str
   param_dtype: str
   norm_eps: float = 1e-6
-  background: BackgroundConfig | None = None  # config.background (issue 7), None = off
+  background: BackgroundConfig | None = None  # config.background, None = off
+  # A binary head: does the model speak in chunk t+1? (read at MODEL_TEXT slot 0). Without
+  # it the decision is only "the first byte of a word beats EOT" in the text softmax.
+  speak_gate: bool = False
 
   @property
   def window(self) -> int | None:
@@ -80,7 +85,9 @@ class ModelConfig:
         vocab_size=m.vocab_size, n_mels=m.n_mels, dmel_bins=m.dmel_bins,
         patch_size=m.patch_size, frames_per_query=fpq, dtype=m.dtype,
         param_dtype=m.param_dtype, norm_eps=m.norm_eps,
-        background=BackgroundConfig.from_config(config))
+        background=BackgroundConfig.from_config(config),
+        # Configs saved before the gate existed have no key: those models have no gate.
+        speak_gate=bool(m.get("speak_gate", False)))
 
 
 class Block(nnx.Module):
@@ -105,6 +112,7 @@ class ModelOutput(NamedTuple):
   text_logits: jnp.ndarray   # [B, C, To, V] float32
   audio_cond: jnp.ndarray    # [B, C, A, D]
   aux: dict                  # MoE losses averaged over layers
+  speak_logits: jnp.ndarray | None = None  # [B, C] float32: speak in chunk t+1 (gate only)
 
 
 class InteractionModel(nnx.Module):
@@ -122,6 +130,9 @@ class InteractionModel(nnx.Module):
     self.flow = FlowHead(cfg.flow, rngs=rngs)
     if cfg.background is not None:  # created last: the other parameters' init is unchanged
       self.background = BackgroundModel(cfg.background, rngs=rngs)
+    if cfg.speak_gate:
+      self.speak_w = param(rngs, jax.nn.initializers.zeros, (cfg.d_model,), ("embed",), pd)
+      self.speak_b = param(rngs, jax.nn.initializers.zeros, (1,), ("norm",), pd)
 
   def embed_chunks(self, batch) -> dict:
     """Per-segment embeddings `[B, C, S, D]` (segment embedding added), ready for `pack`."""
@@ -169,6 +180,12 @@ class InteractionModel(nnx.Module):
                                           (0, write_at, 0))
     return kv_cache.KVCache(tuple(ks), tuple(vs), hidden, cache.meta), h
 
+  def speak_logits(self, h_ND):
+    """Logit of "I speak in the next chunk" from MODEL_TEXT slot 0's hidden state."""
+    return (jnp.einsum("...d,d->...", h_ND.astype(jnp.float32),
+                       self.speak_w[...].astype(jnp.float32))
+            + self.speak_b[...].astype(jnp.float32)[0])
+
   def text_logits(self, h_ND):
     return jnp.einsum("...d,dv->...v", h_ND.astype(jnp.float32),
                       self.unembed[...].astype(jnp.float32))
@@ -181,13 +198,15 @@ class InteractionModel(nnx.Module):
     positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1], dtype=jnp.int32),
                                     x_BLD.shape[:2])
     h_BLD, aux = self.backbone(x_BLD, meta, positions_BL)
-    logits = self.text_logits(lay.unpack(h_BLD, Segment.MODEL_TEXT))
-    return ModelOutput(h_BLD, logits, lay.unpack(h_BLD, Segment.MODEL_AUDIO), aux)
+    h_text = lay.unpack(h_BLD, Segment.MODEL_TEXT)
+    speak = self.speak_logits(h_text[:, :, 0]) if self.cfg.speak_gate else None
+    return ModelOutput(h_BLD, self.text_logits(h_text), lay.unpack(h_BLD, Segment.MODEL_AUDIO),
+                       aux, speak)
 
 
   # ------------------------------------------------------------------ one micro-turn
   def step(self, cache: kv_cache.KVCache, obs: dict, t, forced_T, rng, temperature, *,
-           flow_steps: int, with_prefix: bool):
+           flow_steps: int, with_prefix: bool, speak_threshold=0.5):
     """One micro-turn against the ring cache; the training forward pass, one chunk at a time.
 
     obs: user_dmel/self_dmel [1, 1, F, 80], video [1, 1, Pv, 4800], video_valid bool [],
@@ -197,7 +216,10 @@ class InteractionModel(nnx.Module):
     index P + t*K + slot (RoPE sees only differences, so a training crop's offset does not
     matter). Order: the observations in one pass, the MODEL_TEXT slots one at a time, then
     the MODEL_AUDIO queries in one pass and the flow head's Euler steps.
-    Returns (cache, dict(tokens [To], logits [To, V], audio_cond [A, D], mel [F, 80])).
+    With the speak gate, P(speak) below `speak_threshold` makes the chunk silent: text EOT
+    at slot 0 (then PAD) and the silence floor as mel; the cache still holds the chunk.
+    Returns (cache, dict(tokens [To], logits [To, V], audio_cond [A, D], mel [F, 80],
+    p_speak [] (1 without a gate))).
     """
     lay = self.cfg.layout
     K, P = lay.chunk_len, lay.prefix
@@ -219,25 +241,29 @@ class InteractionModel(nnx.Module):
       positions = jnp.concatenate([jnp.arange(P, dtype=jnp.int32)[None], positions], axis=1)
       q_meta, write_at = pre_meta.concat(q_meta), 0
     cache, _ = self.extend(cache, x, positions, q_meta, write_at)
-    cache, tokens, logits = self._decode_text(cache, meta_K, base, pos0, forced_T, rng,
-                                              temperature)
+    cache, tokens, logits, p_speak = self._decode_text(cache, meta_K, base, pos0, forced_T,
+                                                       rng, temperature, speak_threshold)
     A, off_A = lay.model_audio, lay.offset(Segment.MODEL_AUDIO)
     cache, cond = self.extend(cache, emb[Segment.MODEL_AUDIO][:, 0],
                               pos0 + off_A + jnp.arange(A, dtype=jnp.int32)[None],
                               meta_K.slice(off_A, off_A + A), base + off_A)
     x = self.flow.sample(cond[0], jax.random.fold_in(rng, lay.model_text), flow_steps)
     mel_FM = denormalize_mel(x).reshape(-1, self.cfg.n_mels)
-    return cache, dict(tokens=tokens, logits=logits, audio_cond=cond[0], mel=mel_FM)
+    mel_FM = jnp.where(p_speak >= speak_threshold, mel_FM, LOG_MIN)
+    return cache, dict(tokens=tokens, logits=logits, audio_cond=cond[0], mel=mel_FM,
+                       p_speak=p_speak)
 
-  def _decode_text(self, cache, meta_K: TokenMeta, base, pos0, forced_T, rng, temperature):
+  def _decode_text(self, cache, meta_K: TokenMeta, base, pos0, forced_T, rng, temperature,
+                   speak_threshold):
     """The MODEL_TEXT slots, autoregressive. After EOT the training inputs are EOT then PAD
-    (the text FIFO), so a free-running decode feeds the same and reports PAD after it."""
+    (the text FIFO), so a free-running decode feeds the same and reports PAD after it.
+    Returns (cache, tokens, logits, P(speak) from slot 0)."""
     lay, dt = self.cfg.layout, DTYPES[self.cfg.dtype]
     off_T, To, V = lay.offset(Segment.MODEL_TEXT), lay.model_text, self.cfg.vocab_size
     seg = self.embed.segment[...].astype(dt)[None, None, int(Segment.MODEL_TEXT)]
 
     def text_slot(j, carry):
-      cache, prev, done, tokens, logits = carry
+      cache, prev, done, tokens, logits, p_speak = carry
       inp = jnp.where(forced_T[j] >= 0, forced_T[j], jnp.where(j == 0, tok.BOS, prev))
       x = (self.embed.tokens(jnp.reshape(inp, (1, 1)), dt) + seg).astype(cache.hidden.dtype)
       slot = off_T + j
@@ -245,15 +271,18 @@ class InteractionModel(nnx.Module):
           slot=jnp.reshape(slot, (1, 1)).astype(jnp.int32))
       cache, h = self.extend(cache, x, jnp.reshape(pos0 + slot, (1, 1)), q_meta, base + slot)
       lg = self.text_logits(h)[0, 0]
-      pred = jnp.where(done, tok.PAD, sample_token(lg, jax.random.fold_in(rng, j),
-                                                   temperature))
+      if self.cfg.speak_gate:
+        p_speak = jnp.where(j == 0, jax.nn.sigmoid(self.speak_logits(h)[0, 0]), p_speak)
+      pred = sample_token(lg, jax.random.fold_in(rng, j), temperature)
+      pred = jnp.where((j == 0) & (p_speak < speak_threshold), tok.EOT, pred)
+      pred = jnp.where(done, tok.PAD, pred)
       done = done | (pred == tok.EOT)
-      return cache, pred, done, tokens.at[j].set(pred), logits.at[j].set(lg)
+      return cache, pred, done, tokens.at[j].set(pred), logits.at[j].set(lg), p_speak
 
     init = (cache, jnp.int32(tok.BOS), jnp.bool_(False), jnp.full((To,), tok.PAD, jnp.int32),
-            jnp.zeros((To, V), jnp.float32))
-    cache, _, _, tokens, logits = jax.lax.fori_loop(0, To, text_slot, init)
-    return cache, tokens, logits
+            jnp.zeros((To, V), jnp.float32), jnp.float32(1.0))
+    cache, _, _, tokens, logits, p_speak = jax.lax.fori_loop(0, To, text_slot, init)
+    return cache, tokens, logits, p_speak
 
 
 def sample_token(logits_V, rng, temperature):

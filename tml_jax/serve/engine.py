@@ -142,6 +142,7 @@ class ChunkRecord:
   compute_ms: float
   tokens: list
   user_missing: bool
+  p_speak: float = 1.0   # the speak gate's P(speak in chunk t+1); 1 without a gate
 
 
 class Engine:
@@ -159,7 +160,8 @@ class Engine:
     self.gl_iters = serve.get("griffin_lim_iters", 4) if griffin_lim_iters is None else \
         griffin_lim_iters
     self.seed = serve.get("seed", 0)
-    self.stream = StreamingModel(model, flow_steps=config.model.flow_steps)
+    self.stream = StreamingModel(model, flow_steps=config.model.flow_steps,
+                                 speak_threshold=serve.get("speak_threshold", 0.5))
     bg = getattr(model, "background", None)
     self.generate = generate or (ModelGenerator(bg, model.cfg.window) if bg is not None
                                  else None)
@@ -206,32 +208,15 @@ class Engine:
   def from_workdir(cls, workdir: str, config=None, **kw) -> "Engine":
     """Latest checkpoint of a trainer workdir; config from W/config.json when present, else
     `config` (a ConfigDict or 'path:variant'), else configs/interaction.py:tiny."""
-    import orbax.checkpoint as ocp
-    from tml_jax import sharding as shd
-    from tml_jax.checkpoint import Checkpointer
-    from tml_jax.trainer import Setup
-    config = load_config(workdir, config)
-    config = serving_config(config)
-    setup = Setup(config, shd.make_mesh(config))
-    ckpt = Checkpointer(workdir, keep=1, async_save=False)
-    steps = sorted(ckpt.manager.all_steps(), reverse=True)
-    if not steps:
-      raise FileNotFoundError(f"no checkpoint in {ckpt.dir}; train first "
-                              f"(python -m tml_jax.train --workdir={workdir}).")
-    errors = []
-    for step in steps:  # newest that restores (a damaged latest one is skipped)
-      try:
-        restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(setup.abstract_state)))
-        break
-      except Exception as e:  # orbax raises many types for damaged or mismatched files
-        errors.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
-    else:
-      raise ValueError(f"no checkpoint in {ckpt.dir} matches the config ({errors[0]}). Fix: "
-                       "pass the config the run was trained with (--config), or let the "
-                       "workdir's config.json be used.")
-    ckpt.close()
-    engine = cls(setup.model(restored["state"]["params"]), config, **kw)
+    # The parameters alone (no optimizer or data-iterator state, no grain or optax), on the
+    # device serving runs on; the newest checkpoint that restores wins.
+    from flax import nnx
+    from tml_jax.train.checkpoint import restore_params
+    from tml_jax.train.state import model_from_params, params_abstract
+    config = serving_config(load_config(workdir, config))
+    graphdef, abstract = params_abstract(config)
+    params, step = restore_params(workdir, nnx.to_pure_dict(abstract))
+    engine = cls(model_from_params(graphdef, abstract, params), config, **kw)
     engine.step = step
     return engine
 
@@ -312,7 +297,8 @@ class Engine:
       wav = vocoder.vocode(np.asarray(out["mel"]), n_iter=self.gl_iters)[:self.chunk_samples]
       played = np.clip(np.nan_to_num(wav), -1.0, 1.0)
       out_audio[t] = played
-      records.append(ChunkRecord(t, (time.perf_counter() - t0) * 1e3, tokens, missing))
+      records.append(ChunkRecord(t, (time.perf_counter() - t0) * 1e3, tokens, missing,
+                                 float(out["p_speak"])))
       forced = bool(delegate_at) and delegate_at[0] <= now + 1e-9
       if forced:
         delegate_at.pop(0)

@@ -18,15 +18,10 @@ from flax import nnx
 
 from tml_jax.microturn import TokenMeta
 from tml_jax.model.cache import KVCache, cache_len, init_cache
-try:  # TEMP until the MoE rename lands
-  from tml_jax.model.moe import resolve_impl
-except ImportError:
-  def resolve_impl(name):
-    return {"einsum": "capacity"}.get(name, name)
+from tml_jax.model.moe import resolve_impl
 from tml_jax.model.transformer import InteractionModel
 from tml_jax.text import tokenizer as tok
 
-_HAS_GROUPED = 'grouped' in __import__('tml_jax.model.moe', fromlist=['x']).GROUPED_MATMULS if hasattr(__import__('tml_jax.model.moe', fromlist=['x']), 'GROUPED_MATMULS') else True
 __all__ = ["KVCache", "StreamingModel", "cache_len", "init_cache", "serving_config"]
 
 
@@ -34,14 +29,15 @@ def serving_config(config):
   """A copy of the training config with the dropless MoE (see the module docstring)."""
   config = config.copy_and_resolve_references()
   if resolve_impl(config.model.moe_impl) == "capacity":
-    config.model.moe_impl = "grouped" if _HAS_GROUPED else "pallas"
+    config.model.moe_impl = "grouped"
   return config
 
 
 class StreamingModel:
   """Parameters, the cache and the jitted step; `step` advances the conversation one chunk."""
 
-  def __init__(self, model: InteractionModel, *, flow_steps: int):
+  def __init__(self, model: InteractionModel, *, flow_steps: int,
+               speak_threshold: float = 0.5):
     self.cfg = model.cfg
     if model.cfg.ffn == "moe" and resolve_impl(model.cfg.moe.impl) == "capacity":
       raise ValueError(f"model.moe_impl={model.cfg.moe.impl!r} drops tokens per row, which "
@@ -51,14 +47,14 @@ class StreamingModel:
     # Restored checkpoints carry the trainer's mesh shardings; the step's outputs would then
     # differ in sharding from a fresh cache and force a second compile mid-conversation.
     self.state = jax.device_put(state, jax.devices()[0])
-    self.flow_steps = flow_steps
+    self.flow_steps, self.speak_threshold = flow_steps, float(speak_threshold)
     self._step = jax.jit(self._pure_step, static_argnames=("with_prefix",), donate_argnums=(1,))
     self.reset()
 
   def _pure_step(self, state, cache, obs, t, forced_T, rng, temperature, *, with_prefix):
     model = nnx.merge(self.graphdef, state)
     return model.step(cache, obs, t, forced_T, rng, temperature, flow_steps=self.flow_steps,
-                      with_prefix=with_prefix)
+                      with_prefix=with_prefix, speak_threshold=self.speak_threshold)
 
   def reset(self):
     self.cache = init_cache(self.cfg)

@@ -1,4 +1,9 @@
-"""The mesh and the one place where logical axis names become mesh axes (DESIGN §7)."""
+"""The mesh, and the one place where logical axis names become mesh axes.
+
+Layers name their parameter axes logically ("embed", "heads", "expert", ...; see
+tml_jax.model.layers); the config's single rule table `config.sharding_rules` maps those
+names to the mesh axes below, and `logical_to_spec` is the only code that applies it.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tml_jax.config import mesh_shape
+from tml_jax.config import MESH_AXES, mesh_shape  # noqa: F401 (MESH_AXES re-exported)
+from tml_jax.microturn import TokenMeta
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
-BATCH_AXES = ("data", "fsdp", "expert")
+# Examples are split over every axis but `tensor`, which shards within an example.
+BATCH_AXES = tuple(a for a in MESH_AXES if a != "tensor")
 
 
 def make_mesh(config, devices=None) -> Mesh:
@@ -43,3 +49,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def to_global(batch: dict, sharding) -> dict:
+  """Per-process numpy batch -> global jax arrays sharded over the batch axes."""
+  batch = dict(batch)
+  batch["meta"] = TokenMeta(*batch["meta"])
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      batch)

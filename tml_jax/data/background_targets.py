@@ -1,0 +1,43 @@
+"""Background-model training targets, built from a corpus delegation by the data pipeline.
+
+When the interaction model emits DELEGATE, the background model (tml_jax.model.background)
+writes `TOOL name:args SEP  RESULT tool output SEP  answer EOT`; the `RESULT ... SEP` span is
+inserted by the tool runner, so it is fed as input but never a target.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tml_jax.text import tokenizer as tok
+
+
+def tool_call(tool: str, question: str, result_text: str) -> tuple[str, str]:
+  """(name, args) of the call that answers a corpus delegation (tml_jax.data.scenarios)."""
+  if tool in ("calculator", "clock"):
+    return tool, result_text.split(" = ")[0].strip()
+  return tool, question
+
+
+def target_sequence(tool: str, question: str, result_text: str,
+                    max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(inputs, targets, loss mask) [max_len] of one delegation.
+
+  Sequence: TOOL name:args SEP RESULT result SEP answer EOT, answer = the result text (what
+  the corpus feeds back as TEXT_IN). The RESULT ... SEP span is the tool runner's, so it is
+  input only. Truncated to max_len; padding is PAD with mask False.
+  """
+  enc = tok.ByteTokenizer().encode
+  name, args = tool_call(tool, question, result_text)
+  call = [tok.TOOL] + enc(f"{name}:{args}") + [tok.SEP]
+  result = [tok.RESULT] + enc(result_text) + [tok.SEP]
+  answer = enc(result_text) + [tok.EOT]
+  seq = call + result + answer
+  learn = [True] * len(call) + [False] * len(result) + [True] * len(answer)
+  seq, learn = seq[:max_len], learn[:max_len]
+  target = np.full((max_len,), tok.PAD, np.int32)
+  target[:len(seq)] = seq
+  mask = np.zeros((max_len,), bool)
+  mask[:len(seq)] = learn
+  inputs = np.concatenate([[tok.BOS], target[:-1]]).astype(np.int32)
+  return inputs, target, mask

@@ -1,0 +1,193 @@
+"""The speak-decision probe: P(the model speaks in chunk t+1), split by conversational
+condition, against the truth (does the model's channel hold speech then?).
+
+This number moves long before the Full-Duplex-Bench scores do, so every model change is
+judged by it first. Conditions are read from the corpus annotations at the decision time
+tau = (t+1) * chunk_s (the end of chunk t, when chunk t+1's audio is decided):
+
+  user_speaking     tau inside a user word (the model should mostly keep quiet)
+  pause             tau inside a mid-utterance pause of the user (keep quiet)
+  after_turn_end    0-1 s after the user's turn ended (take the turn, after a short gap)
+  barge_in          the user barges in while the model talks (stop within 0.2-0.4 s)
+  user_backchannel  a user "mm-hmm" while the model talks (keep talking)
+
+A chunk matching several takes the first in that list read bottom up (barge_in wins over
+user_speaking). Chunks matching none are "other". Pure numpy: the data pipeline imports it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+CONDITIONS = ("other", "user_speaking", "pause", "after_turn_end", "barge_in",
+              "user_backchannel")
+# Which way the truth mostly goes, for reading the table (not used in any computation).
+EXPECTED = {"user_speaking": "silent", "pause": "silent", "after_turn_end": "speak",
+            "barge_in": "stop", "user_backchannel": "speak"}
+SPEECH_LOG_MEL = -4.0   # log10 mel: eSpeak speech peaks above -2, digital silence is -7
+VOICED_SHARE = 0.25     # a chunk is speech when >= 2 of its 8 frames are
+AFTER_TURN_S = 1.0
+BACKCHANNEL_TAIL_S = 0.4
+
+
+def _text(x) -> str:
+  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def voiced_chunks(mel_CF80) -> np.ndarray:
+  """bool [C]: chunks whose log-mel frames hold speech (the loudest channel above -4): the
+  speak gate's target, read from the model's own channel one chunk ahead."""
+  return (np.asarray(mel_CF80).max(-1) > SPEECH_LOG_MEL).mean(-1) >= VOICED_SHARE
+
+
+def chunk_conditions(record, total: int, chunk_s: float) -> np.ndarray:
+  """int8 [total]: the `CONDITIONS` index of each chunk's decision time."""
+  tau = (np.arange(total) + 1) * chunk_s
+  cond = np.zeros(total, np.int8)
+
+  def mark(name, start, end):
+    cond[(tau >= start) & (tau < end)] = CONDITIONS.index(name)
+
+  for text, s, e, who in zip(record["word_text"], record["word_start_s"], record["word_end_s"],
+                             record["word_speaker"]):
+    if _text(who) == "user":
+      mark("user_speaking", float(s), float(e))
+  events = json.loads(_text(record["events_json"]))
+  order = ("user_turn", "pause", "interruption", "user_backchannel")
+  for e in sorted(events, key=lambda e: order.index(e["kind"]) if e["kind"] in order else -1):
+    s, t = float(e["start_s"]), float(e["end_s"])
+    if e["kind"] == "user_turn":
+      mark("after_turn_end", t, t + AFTER_TURN_S)
+    elif e["kind"] == "pause":
+      mark("pause", s, t)
+    elif e["kind"] == "interruption":
+      mark("barge_in", s, t)
+    elif e["kind"] == "user_backchannel":
+      mark("user_backchannel", s, t + BACKCHANNEL_TAIL_S)
+  return cond
+
+
+def summarize(p_N, truth_N, cond_N, valid_N=None) -> dict:
+  """Per condition: chunks, truth rate, mean P(speak), accuracy of P >= 0.5, and the mean
+  P(speak) on chunks whose truth is speech / silence."""
+  p, y = np.asarray(p_N, np.float64).ravel(), np.asarray(truth_N, bool).ravel()
+  c = np.asarray(cond_N).ravel()
+  v = np.ones_like(y) if valid_N is None else np.asarray(valid_N, bool).ravel()
+  out = {}
+  for i, name in enumerate(CONDITIONS):
+    m = v & (c == i)
+    if not m.any():
+      continue
+    pm, ym = p[m], y[m]
+    out[name] = dict(
+        chunks=int(m.sum()), truth_speak=float(ym.mean()), p_speak=float(pm.mean()),
+        accuracy=float(((pm >= 0.5) == ym).mean()),
+        p_when_speech=float(pm[ym].mean()) if ym.any() else None,
+        p_when_silent=float(pm[~ym].mean()) if (~ym).any() else None)
+  m = v.astype(bool)
+  out["all"] = dict(chunks=int(m.sum()), truth_speak=float(y[m].mean()),
+                    p_speak=float(p[m].mean()), accuracy=float(((p[m] >= 0.5) == y[m]).mean()))
+  return out
+
+
+def table_md(probes: dict[str, dict]) -> str:
+  """A markdown table; `probes` maps a column group name (e.g. "teacher-forced") to a
+  `summarize` result."""
+  groups = list(probes)
+  head = "| condition | expected | chunks | truth P(speak) | " + " | ".join(
+      f"{g}: P(speak) | {g}: accuracy" for g in groups) + " |"
+  lines = [head, "|" + "---|" * (4 + 2 * len(groups))]
+  for name in (*CONDITIONS[1:], "other", "all"):
+    ref = next((probes[g][name] for g in groups if name in probes[g]), None)
+    if ref is None:
+      continue
+    cells = [name, EXPECTED.get(name, ""), str(ref["chunks"]), f"{ref['truth_speak']:.2f}"]
+    for g in groups:
+      r = probes[g].get(name)
+      cells += ([f"{r['p_speak']:.2f}", f"{r['accuracy']:.2f}"] if r else ["", ""])
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot_probe(probes: dict[str, dict], path: str, history: list[dict] | None = None) -> str:
+  """Bars of P(speak) against the truth per condition; with `history` ([{step, probe}]),
+  a second panel of P(speak) per condition against training steps."""
+  from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
+  names = [n for n in CONDITIONS[1:] if any(n in p for p in probes.values())]
+  fig = Figure(figsize=(11 if history else 6.5, 3.8), dpi=110)
+  ax = fig.add_subplot(1, 2 if history else 1, 1)
+  x = np.arange(len(names))
+  width = 0.8 / (len(probes) + 1)
+  truth = [next(p[n]["truth_speak"] for p in probes.values() if n in p) for n in names]
+  ax.bar(x - 0.4 + width / 2, truth, width, color="#bbbbbb", label="truth")
+  for i, (g, p) in enumerate(probes.items()):
+    ax.bar(x - 0.4 + width * (i + 1.5), [p.get(n, {}).get("p_speak", np.nan) for n in names],
+           width, label=g)
+  ax.set_xticks(x, [n.replace("_", "\n") for n in names], fontsize=8)
+  ax.set_ylim(0, 1)
+  ax.set_ylabel("P(speak in chunk t+1)")
+  ax.legend(fontsize=7)
+  ax.set_title("speak-decision probe")
+  if history:
+    ax2 = fig.add_subplot(1, 2, 2)
+    steps = [h["step"] for h in history]
+    for n in names:
+      ax2.plot(steps, [h["probe"].get(n, {}).get("p_speak", np.nan) for h in history],
+               marker="o", ms=3, label=n)
+    ax2.set_xlabel("training step")
+    ax2.set_ylim(0, 1)
+    ax2.set_title("P(speak) per condition (teacher-forced, validation)")
+    ax2.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  return path
+
+
+def teacher_forced(speak_logits_BC, batch) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                     np.ndarray]:
+  """(p, truth, condition, valid) flattened from a forward pass over a batch."""
+  logits = np.asarray(speak_logits_BC, np.float64)
+  p = 1.0 / (1.0 + np.exp(-logits))
+  return (p.ravel(), np.asarray(batch["speak_target"]).ravel(),
+          np.asarray(batch["speak_condition"]).ravel(), np.asarray(batch["audio_mask"]).ravel())
+
+
+def free_running(engine, records, *, chunk_s: float, max_s: float | None = None) -> dict:
+  """The probe with the model hearing its own generated audio as SELF_AUDIO: each record's
+  microphone channel goes through the streaming engine (offline clock), and each chunk's
+  P(speak) is compared with what the corpus' model channel did then."""
+  ps, ys, cs = [], [], []
+  for record in records:
+    wav = np.asarray(record["user_wav"], np.float32) / 32768.0
+    if max_s:
+      wav = wav[:int(max_s * 16000)]
+    res = engine.run_wav(wav)
+    total = res["num_chunks"]
+    F = engine.lay.user_audio
+    mel = np.asarray(record["model_mel"], np.float32)[:total * F]
+    mel = np.concatenate([mel, np.full((total * F - len(mel), mel.shape[-1]), -7.0,
+                                       np.float32)]).reshape(total, F, -1)
+    truth = np.concatenate([voiced_chunks(mel)[1:], [False]])
+    ps.append([r.p_speak for r in res["records"]][:total - 1])
+    ys.append(truth[:total - 1])
+    cs.append(chunk_conditions(record, total, chunk_s)[:total - 1])
+  return summarize(np.concatenate(ps), np.concatenate(ys), np.concatenate(cs))
+
+
+def teacher_forced_probe(model, batches) -> dict:
+  """The probe over validation batches, every chunk teacher-forced (the model hears the
+  corpus' own audio as SELF_AUDIO). `model` must have a speak gate."""
+  import jax
+  from flax import nnx
+  if not model.cfg.speak_gate:
+    raise ValueError("the speak-decision probe reads the speak gate; this model has none "
+                     "(model.speak_gate=False). Fix: train with --config.model.speak_gate=True.")
+  graphdef, state = nnx.split(model)
+  logits_fn = jax.jit(lambda s, b: nnx.merge(graphdef, s)(b).speak_logits)
+  parts = [teacher_forced(logits_fn(state, {k: v for k, v in b.items() if k != "_bg"}), b)
+           for b in batches]
+  if not parts:
+    raise ValueError("no validation batches for the speak-decision probe")
+  return summarize(*(np.concatenate([p[i] for p in parts]) for i in range(4)))

@@ -1,0 +1,317 @@
+r"""The training loop behind the project's main job:
+
+  python -m tml_jax.train --config=configs/interaction.py:tiny --workdir=runs/tiny
+
+Builds the corpus on first use, trains with the pure jitted `train_step` (tml_jax.train.state),
+validates periodically, checkpoints asynchronously (resumes automatically when restarted;
+SIGTERM saves and exits), writes TensorBoard summaries, `W/metrics.jsonl` and, at the end,
+the report (`W/report.md`, loss curves; tml_jax.train.report writes what this module
+measures).
+
+Multi-host: when JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID are set (see
+launch/README.md), or on a TPU pod slice, `jax.distributed` is initialised first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tml_jax.config import validate
+from tml_jax.model.transformer import count_params
+from tml_jax.text import tokenizer as tok
+from tml_jax.train import report as report_lib
+from tml_jax.train import sharding as shd
+from tml_jax.train.checkpoint import Checkpointer
+from tml_jax.train.state import Setup
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def maybe_initialize_distributed():
+  """Explicit coordinator from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
+  (launch/local.sh), or jax's own cluster detection (Slurm, TPU pod slices) when
+  TML_JAX_DISTRIBUTED=auto or Slurm runs several tasks."""
+  env = os.environ
+  if jax.distributed.is_initialized():
+    return
+  if "JAX_COORDINATOR_ADDRESS" in env:
+    jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=int(env["JAX_NUM_PROCESSES"]),
+                               process_id=int(env["JAX_PROCESS_ID"]))
+  elif env.get("TML_JAX_DISTRIBUTED") == "auto" or int(env.get("SLURM_NTASKS", "1")) > 1:
+    jax.distributed.initialize()
+
+
+def write_config(config, workdir: str):
+  """W/config.json: what the engine and the evaluation load the model with."""
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=1))
+
+
+def describe(setup: Setup):
+  total, active = count_params(setup.cfg)
+  print(f"model: total_params={total} active_params={active}; mesh {dict(setup.mesh.shape)} "
+        f"on {jax.device_count()} {jax.devices()[0].platform} device(s), "
+        f"{jax.process_count()} process(es)", flush=True)
+
+
+def data_loaders(config, workdir: str):
+  """(train loader, make_val() -> a fresh validation loader, data dir); builds the corpus
+  in `config.data.dir` (default: data/ beside the workdir) on first use."""
+  from tml_jax.data import pipeline, tml_duplex
+  data_dir = config.data.dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), "data")
+  try:
+    tml_duplex.dataset_dir(data_dir, config.data)
+  except FileNotFoundError:
+    print(f"building the tml_duplex corpus in {data_dir} (first use) ...", flush=True)
+    if jax.process_index() == 0:
+      tml_duplex.build(data_dir, config.data)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("corpus built")
+  train = pipeline.make_loader(tml_duplex.load_split(data_dir, "train", config.data), config,
+                               split="train", seed=config.seed)
+  val_src = tml_duplex.load_split(data_dir, "validation", config.data)
+  make_val = lambda: pipeline.make_loader(val_src, config, split="validation", seed=0,
+                                          shuffle=False, random_crop=False)
+  return train, make_val, data_dir
+
+
+class MetricsLog:
+  """TensorBoard (through clu) plus a plain jsonl for scripts; process 0 writes."""
+
+  def __init__(self, workdir: str):
+    from clu import metric_writers  # pulls in TensorFlow: only when a run starts
+    self.primary = jax.process_index() == 0
+    self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.primary)
+    self.path = os.path.join(workdir, "metrics.jsonl")
+
+  def write(self, step: int, scalars: dict):
+    scalars = {k: float(v) for k, v in scalars.items()}
+    self.writer.write_scalars(step, scalars)
+    if self.primary:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(dict(step=step, **scalars)) + "\n")
+
+  def flush(self):
+    self.writer.flush()
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def evaluate(setup: Setup, state, make_val, num_batches: int) -> dict:
+  """Means over `num_batches` validation batches of every eval_step metric."""
+  it = iter(make_val())
+  sums = {}
+  for i in range(num_batches):
+    m = setup.eval_step(state, shd.to_global(next(it), setup.batch_sharding),
+                        jax.random.key(i))
+    for k, v in m.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  return {k: v / num_batches for k, v in sums.items()}
+
+
+def baselines(make_val, num_batches: int) -> dict:
+  """Trivial predictors on the validation batches the model is scored on."""
+  it = iter(make_val())
+  counts = np.zeros(tok.VOCAB_SIZE)
+  mels, masks = [], []
+  for _ in range(num_batches):
+    b = next(it)
+    valid_chunk = np.asarray(b["meta"][4]).any(-1)[:, None]
+    t = np.asarray(b["model_text_target"])
+    counts += np.bincount(t[t != tok.PAD], minlength=tok.VOCAB_SIZE)
+    mels.append(np.asarray(b["audio_target"]))
+    masks.append(np.asarray(b["audio_mask"]) & valid_chunk)
+  p = counts / max(counts.sum(), 1)
+  entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())
+  sel = np.concatenate(mels)[np.concatenate(masks)].reshape(-1, 80)  # [n * A * fpq, 80]
+  median = np.median(sel, axis=0, keepdims=True)  # the best constant under L1
+  return dict(text_unigram_ce=entropy, text_majority_acc=float(p.max()),
+              audio_l1_channel_median=float(np.abs(sel - median).mean()),
+              audio_l1_silence=float(np.abs(sel - (-7.0)).mean()))
+
+
+def decoded_samples(setup: Setup, state, make_val, max_lines: int = 24) -> list[str]:
+  """Teacher-forced greedy text predictions next to the targets, chunk by chunk."""
+  batch = next(iter(make_val()))
+  logits = jax.jit(lambda params, b: setup.model(params)(b).text_logits)
+  with jax.set_mesh(setup.mesh):
+    out = logits(state["params"], shd.to_global(batch, setup.batch_sharding))
+  # The first local example lives on this process's first shard (batch is sharded by process).
+  pred = np.asarray(jnp.argmax(out.addressable_data(0), -1))[0]
+  target = np.asarray(batch["model_text_target"])[0]
+  chunk_s = setup.config.layout.chunk_ms / 1000
+  t = tok.ByteTokenizer()
+  lines = []
+  for c in range(target.shape[0]):
+    n = max(int(np.sum(target[c] != tok.PAD)), 1)
+    tgt = t.decode(target[c][target[c] != tok.PAD], show_special=True).replace("<eot>", "")
+    prd = t.decode(pred[c][:n], show_special=True).replace("<eot>", "")
+    if tgt or prd:
+      lines.append(f"chunk {c:3d} (t={(c + 1) * chunk_s:5.1f}s) target {tgt!r:24} "
+                   f"predicted {prd!r}")
+  return lines[:max_lines]
+
+
+def write_final_report(setup: Setup, state, make_val, workdir: str) -> dict:
+  """Measures on every process (evaluation is one program over all devices); process 0
+  writes the report."""
+  tc = setup.config.train
+  val = evaluate(setup, state, make_val, tc.eval_batches)
+  base = baselines(make_val, tc.eval_batches)
+  samples = decoded_samples(setup, state, make_val)
+  if jax.process_index() != 0:
+    return dict(report=dict(validation=val, baselines=base, samples=samples))
+  return report_lib.write_report(
+      workdir, variant=setup.config.variant, step=int(state["step"]), validation=val,
+      baselines=base, samples=samples, rows=report_lib.read_metrics(workdir))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@dataclasses.dataclass
+class Run:
+  """The mutable side of a run: where it is, and what it writes to."""
+  setup: Setup
+  ckpt: Checkpointer
+  log: MetricsLog
+  train_iter: object
+  make_val: object
+  state: dict
+  step: int
+
+
+def start(setup: Setup, workdir: str, train_loader, make_val) -> Run:
+  """Resumes from the newest checkpoint that restores, else initialises."""
+  train_iter = iter(train_loader)
+  ckpt = Checkpointer(workdir, keep=setup.config.train.keep_checkpoints)
+  step, state = ckpt.restore_latest(setup.abstract_state, train_iter)
+  if state is None:
+    state, step = setup.init(), 0
+  else:
+    print(f"resumed from step {step} in {ckpt.dir}", flush=True)
+  return Run(setup, ckpt, MetricsLog(workdir), train_iter, make_val, state, step)
+
+
+def stop_on_sigterm() -> dict:
+  """{'signal': None}, set to 'SIGTERM' when one arrives; the loop stops after that step."""
+  stop = {"signal": None}
+  signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("signal", "SIGTERM"))
+  return stop
+
+
+class Throughput:
+  """Steps and tokens per second since the previous `rate` call."""
+
+  def __init__(self, step: int, tokens_per_step: int):
+    self.t, self.step, self.tokens_per_step = time.perf_counter(), step, tokens_per_step
+
+  def rate(self, step: int) -> float:
+    now = time.perf_counter()
+    r = (step - self.step) / max(now - self.t, 1e-9)
+    self.t, self.step = now, step
+    return r
+
+
+def stop_non_finite(run: Run, metrics):
+  """The step kept the old state: save it, then stop loudly."""
+  run.ckpt.save_once(run.step, run.state, run.train_iter)
+  run.ckpt.close()
+  raise FloatingPointError(
+      f"non-finite loss or gradient at step {run.step} (loss={float(metrics['loss'])}, "
+      f"grad_norm={float(metrics['grad_norm'])}); state before the step saved in "
+      f"{run.ckpt.dir} at step {run.step}. Lower train.lr or check the data, then rerun.")
+
+
+def log_train(run: Run, metrics, meter: Throughput):
+  num_steps = run.setup.config.train.num_steps
+  rate = meter.rate(run.step)
+  tokens_s = rate * meter.tokens_per_step
+  run.log.write(run.step, {k: v for k, v in metrics.items() if k != "ok"}
+                | dict(steps_per_s=rate, tokens_per_s=tokens_s))
+  eta = (num_steps - run.step) / max(rate, 1e-9)
+  print(f"step {run.step}/{num_steps} loss {float(metrics['loss']):.4f} "
+        f"text {float(metrics['text']):.4f} audio {float(metrics['audio']):.4f} "
+        f"| {rate:.2f} steps/s {tokens_s:,.0f} tok/s ETA {eta / 60:.1f} min", flush=True)
+
+
+def log_validation(run: Run):
+  val = evaluate(run.setup, run.state, run.make_val, run.setup.config.train.eval_batches)
+  run.log.write(run.step, {f"val_{k}": v for k, v in val.items()})
+  shown = ("loss", "text", "audio", "audio_l1", "text_acc")
+  print(f"  validation @ {run.step}: " + " ".join(f"{k}={v:.4f}" for k, v in val.items()
+                                                  if k in shown), flush=True)
+
+
+def train(run: Run, stop: dict) -> str:
+  """Steps until num_steps, SIGTERM or the time budget; returns why it stopped."""
+  config = run.setup.config
+  tc = config.train
+  base_key = jax.random.key(config.seed)
+  meter = Throughput(run.step, tc.batch_size * run.setup.cfg.layout.seq_len(
+      config.layout.num_chunks))
+  t_start, budget = time.perf_counter(), float(tc.time_budget_s or 0)
+  while run.step < tc.num_steps:
+    batch = shd.to_global(next(run.train_iter), run.setup.batch_sharding)
+    # The old state is donated: keep the returned one either way (unchanged when not ok).
+    run.state, metrics = run.setup.train_step(run.state, batch,
+                                              jax.random.fold_in(base_key, run.step))
+    if not bool(metrics["ok"]):
+      stop_non_finite(run, metrics)
+    run.step += 1
+    last = run.step == tc.num_steps
+    if run.step % tc.log_every == 0 or last:
+      log_train(run, metrics, meter)
+    if run.step % tc.eval_every == 0 or last:
+      log_validation(run)
+    if run.step % tc.checkpoint_every == 0:
+      run.ckpt.save(run.step, run.state, run.train_iter)
+    if stop["signal"]:
+      return "preempted"
+    if budget and time.perf_counter() - t_start > budget:
+      return "time_budget"
+  return "completed"
+
+
+def finish(run: Run, status: str, stop: dict):
+  run.ckpt.save_once(run.step, run.state, run.train_iter)
+  run.ckpt.close()
+  run.log.flush()
+  if status == "preempted":
+    print(f"{stop['signal']} received: saved step {run.step} to {run.ckpt.dir}; rerun the "
+          "same command to resume.", flush=True)
+  elif status == "time_budget":
+    print(f"time budget of {float(run.setup.config.train.time_budget_s):.0f}s reached at "
+          f"step {run.step}; saved.", flush=True)
+
+
+def train_and_evaluate(config, workdir: str, *, final_report: bool = True) -> dict:
+  """Trains (or resumes) the run in `workdir`; `final_report=False` skips the end-of-run
+  evaluation and report (scripts and tests that only need the checkpoints and metrics)."""
+  maybe_initialize_distributed()
+  validate(config, num_devices=jax.device_count())
+  write_config(config, workdir)
+  setup = Setup(config, shd.make_mesh(config))
+  describe(setup)
+  train_loader, make_val, data_dir = data_loaders(config, workdir)
+  run = start(setup, workdir, train_loader, make_val)
+  stop = stop_on_sigterm()
+  status = train(run, stop)
+  finish(run, status, stop)
+  if status == "preempted":
+    return dict(status=status, step=run.step)
+  result = dict(status=status, step=run.step, workdir=workdir, data_dir=data_dir)
+  if final_report:
+    result.update(write_final_report(setup, run.state, make_val, workdir))
+  return result

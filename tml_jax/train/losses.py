@@ -1,0 +1,128 @@
+"""The training objective: every loss term, each reported on its own.
+
+  text        cross-entropy of MODEL_TEXT targets (PAD slots and invalid chunks ignored)
+  audio       conditional flow matching of chunk t+1's mel frames on MODEL_AUDIO queries
+  balance     MoE load balancing (Switch), averaged over layers by the backbone
+  z           router z-loss (ST-MoE), averaged likewise
+  background  the background model's teacher-forced text loss on the delegations of the
+              row (0 when the model or the batch has none)
+  speak       binary cross-entropy of the speak gate (does the model's audio in chunk t+1
+              hold speech?) on valid chunks (0 when the model has no gate)
+The total is the `train.loss_weights`-weighted sum of these (a missing weight is 0).
+
+Plain jax, no optax: tml_jax.train.state imports this module, and serving imports that one
+(for `params_abstract`) without the training dependencies.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tml_jax.microturn import Segment, TokenMeta, context_mask
+from tml_jax.model.flow import denormalize_mel, normalize_mel
+from tml_jax.text import tokenizer as tok
+
+TERMS = ("text", "audio", "balance", "z", "background", "speak")
+
+
+def cross_entropy(logits_NV, labels_N):
+  """logsumexp(logits) - logits[label], computed as optax's
+  softmax_cross_entropy_with_integer_labels does (numbers match runs trained with it)."""
+  label_logits_N = jnp.take_along_axis(logits_NV, labels_N[..., None], axis=-1)[..., 0]
+  return jax.nn.logsumexp(logits_NV, axis=-1) - label_logits_N
+
+
+def text_terms(logits_BCTV, target_BCT, chunk_valid_BC):
+  mask = (target_BCT != tok.PAD) & chunk_valid_BC[..., None]
+  ce = cross_entropy(logits_BCTV, target_BCT)
+  n = jnp.maximum(jnp.sum(mask), 1)
+  correct = (jnp.argmax(logits_BCTV, -1) == target_BCT) & mask
+  # Speech text alone (bytes): EOT dominates the targets and hides what the model learnt.
+  is_byte = mask & (target_BCT < 256)
+  return dict(text=jnp.sum(ce * mask) / n, text_acc=jnp.sum(correct) / n,
+              text_byte_acc=jnp.sum(correct & is_byte) / jnp.maximum(jnp.sum(is_byte), 1))
+
+
+def flow_matching_loss(flow, cond_ND, x1_NM, rng, weight_N=None):
+  """Conditional flow matching on the straight path x_t = (1 - t) x0 + t x1: mean squared
+  error of the head's velocity against x1 - x0, per element, weighted per row."""
+  k_noise, k_t = jax.random.split(rng)
+  x0 = jax.random.normal(k_noise, x1_NM.shape, jnp.float32)
+  t_N = jax.random.uniform(k_t, x1_NM.shape[:-1], jnp.float32)
+  xt = (1 - t_N[..., None]) * x0 + t_N[..., None] * x1_NM
+  err_N = jnp.mean((flow(cond_ND, xt, t_N) - (x1_NM - x0)) ** 2, axis=-1)
+  if weight_N is None:
+    return jnp.mean(err_N)
+  w_N = weight_N.astype(jnp.float32)
+  return jnp.sum(err_N * w_N) / jnp.maximum(jnp.sum(w_N), 1.0)
+
+
+def audio_loss(model, audio_cond_BCAD, batch, rng):
+  B, C, A, D = audio_cond_BCAD.shape
+  x1 = normalize_mel(jnp.asarray(batch["audio_target"], jnp.float32)).reshape(B * C * A, -1)
+  w = jnp.broadcast_to(jnp.asarray(batch["audio_mask"])[..., None], (B, C, A)).reshape(-1)
+  return flow_matching_loss(model.flow, audio_cond_BCAD.reshape(B * C * A, D), x1, rng, w)
+
+
+def speak_terms(speak_logits_BC, batch) -> dict:
+  """Gate BCE, its accuracy and the mean predicted P(speak), over chunks with a target."""
+  y = jnp.asarray(batch["speak_target"], jnp.float32)
+  w = jnp.asarray(batch["audio_mask"], jnp.float32)
+  n = jnp.maximum(jnp.sum(w), 1.0)
+  # log(1 + e^x) - y x: the stable form of BCE with logits.
+  bce = jax.nn.softplus(speak_logits_BC) - y * speak_logits_BC
+  correct = ((speak_logits_BC > 0) == (y > 0.5)).astype(jnp.float32)
+  return dict(speak=jnp.sum(bce * w) / n, speak_acc=jnp.sum(correct * w) / n,
+              speak_p=jnp.sum(jax.nn.sigmoid(speak_logits_BC) * w) / n)
+
+
+def background_loss(bg, hidden_BLD, meta: TokenMeta, batch, window):
+  """Teacher-forced cross-entropy of the background targets over the context each
+  delegating chunk could see; (loss, number of target tokens), 0 when the batch has none."""
+  tokens, target = jnp.asarray(batch["bg_in"]), jnp.asarray(batch["bg_target"])
+  mask = jnp.asarray(batch["bg_mask"]) & (jnp.asarray(batch["bg_chunk"]) >= 0)[..., None]
+  logits = bg(tokens, hidden_BLD, context_mask(meta, batch["bg_chunk"], window))
+  ce = cross_entropy(logits, target)
+  n = jnp.sum(mask).astype(jnp.float32)
+  return jnp.sum(ce * mask) / jnp.maximum(n, 1.0), n
+
+
+def losses_from_output(model, out, batch, rng, weights) -> tuple[jnp.ndarray, dict]:
+  """(weighted total, every term) of a forward pass `out = model(batch)` already run."""
+  lay = model.cfg.layout
+  chunk_valid_BC = lay.unpack(jnp.asarray(batch["meta"].valid)[..., None],
+                              Segment.MODEL_TEXT)[:, :, 0, 0]
+  metrics = text_terms(out.text_logits, jnp.asarray(batch["model_text_target"]), chunk_valid_BC)
+  metrics["audio"] = audio_loss(model, out.audio_cond, batch, rng)
+  # MoE aux losses are computed inside the routers (they need the router probabilities).
+  metrics["balance"] = out.aux.get("balance", jnp.zeros(()))
+  metrics["z"] = out.aux.get("z", jnp.zeros(()))
+  metrics["background"] = jnp.zeros(())
+  if getattr(model, "background", None) is not None and "bg_chunk" in batch:
+    metrics["background"], metrics["background_tokens"] = background_loss(
+        model.background, out.hidden, TokenMeta(*(jnp.asarray(f) for f in batch["meta"])),
+        batch, model.cfg.window)
+  metrics["speak"] = jnp.zeros(())
+  if out.speak_logits is not None and "speak_target" in batch:
+    metrics.update(speak_terms(out.speak_logits, batch))
+  total = sum(weights.get(k, 0.0) * metrics[k] for k in TERMS)
+  metrics["loss"] = total
+  return total, metrics
+
+
+def compute_losses(model, batch, rng, weights) -> tuple[jnp.ndarray, dict]:
+  """Forward pass and every loss term: (weighted total, metrics)."""
+  return losses_from_output(model, model(batch), batch, rng, weights)
+
+
+def sampled_audio_l1(model, audio_cond_BCAD, batch, rng, steps: int):
+  """Mean |log10 mel| error of Euler samples against the targets (an interpretable number,
+  with the per-channel-median predictor as its trivial baseline)."""
+  B, C, A, D = audio_cond_BCAD.shape
+  x = model.flow.sample(audio_cond_BCAD.reshape(-1, D), rng, steps)
+  pred = denormalize_mel(x).reshape(B, C, A, -1)
+  target = jnp.asarray(batch["audio_target"], jnp.float32)
+  w = jnp.asarray(batch["audio_mask"], jnp.float32)[..., None, None]
+  n = jnp.maximum(jnp.sum(w) * A * target.shape[-1], 1.0)
+  return jnp.sum(jnp.abs(pred - target) * w) / n

@@ -1,0 +1,83 @@
+"""The end-of-run report writer: numbers in, files out.
+
+Writes W/report.md, W/report.json and W/loss_curves.png from the validation metrics, the
+trivial baselines and the decoded samples that tml_jax.train.loop computes, plus the logged
+curves of W/metrics.jsonl. It runs nothing on a device and imports no trainer code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of W/metrics.jsonl (one per logged step), [] before the first."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(rows: list[dict], path: str) -> str:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  keys = [("text", "text cross-entropy (nats)"), ("audio", "flow-matching loss"),
+          ("balance", "MoE balance loss"), ("audio_l1", "sampled mel L1 (log10)")]
+  fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), dpi=110)
+  for ax, (k, title) in zip(axes, keys):
+    for prefix, style in (("", "-"), ("val_", "o-")):
+      pts = [(r["step"], r[prefix + k]) for r in rows if prefix + k in r]
+      if pts:
+        ax.plot(*zip(*pts), style, label="train" if not prefix else "validation", ms=3)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def markdown(variant: str, step: int, val: dict, base: dict, first: dict,
+             samples: list[str]) -> list[str]:
+  return [
+      f"# Training report ({variant})", "",
+      f"steps: {step}; curves: `loss_curves.png`", "",
+      "| metric | validation | trivial baseline |", "|---|---|---|",
+      f"| text cross-entropy (nats) | {val['text']:.3f} | {base['text_unigram_ce']:.3f} "
+      "(unigram) |",
+      f"| text accuracy | {val['text_acc']:.3f} | {base['text_majority_acc']:.3f} "
+      "(majority token) |",
+      f"| text accuracy on bytes | {val['text_byte_acc']:.3f} | 0 |",
+      f"| sampled mel L1 (log10) | {val['audio_l1']:.3f} | "
+      f"{base['audio_l1_channel_median']:.3f} (per-channel median), "
+      f"{base['audio_l1_silence']:.3f} (silence) |",
+      f"| flow-matching loss | {val['audio']:.3f} | {first.get('audio', float('nan')):.3f} "
+      "(first logged train step) |",
+      f"| MoE balance loss | {val['balance']:.3f} | 1.0 = perfectly uniform |", "",
+      "Decoded text (teacher-forced, greedy) on a validation conversation:", "", "```",
+      *samples, "```", ""]
+
+
+def write_report(workdir: str, *, variant: str, step: int, validation: dict, baselines: dict,
+                 samples: list[str], rows: list[dict]) -> dict:
+  """Writes the three files; returns dict(report=..., report_md=path, curves=path|None).
+
+  validation: tml_jax.train.loop.evaluate's means; baselines: loop.baselines; samples:
+  decoded lines; rows: read_metrics(workdir).
+  """
+  png = plot_curves(rows, os.path.join(workdir, "loss_curves.png")) if rows else None
+  first = next((r for r in rows if "text" in r), {})
+  report = dict(validation=validation, baselines=baselines, first_logged=first,
+                samples=samples)
+  with open(os.path.join(workdir, "report.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  md = markdown(variant, step, validation, baselines, first, samples)
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write("\n".join(md))
+  print("\n".join(md[:12]), flush=True)
+  return dict(report=report, report_md=os.path.join(workdir, "report.md"), curves=png)

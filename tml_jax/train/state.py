@@ -1,0 +1,175 @@
+"""The train state, its shardings and the jitted steps.
+
+State: dict(step=int32 [], params=pure dict of the model's nnx state, opt=optax state): the
+tree orbax checkpoints hold (tml_jax.train.checkpoint). Parameters are sharded by their
+logical axes through the config's rule table (tml_jax.train.sharding); optimizer moments
+follow their parameter. `train_step(state, batch, rng) -> (state, metrics)` is pure and jitted
+once with explicit shardings and the state donated.
+
+Serving imports this module for `params_abstract` / `model_from_params` and must not need the
+training dependencies: optax is imported only where the optimizer is built.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tml_jax.model.transformer import InteractionModel, ModelConfig
+from tml_jax.train import sharding as shd
+from tml_jax.train.losses import compute_losses, losses_from_output, sampled_audio_l1
+
+
+# ----------------------------------------------------------------------------- the model
+
+def abstract_model(cfg: ModelConfig):
+  """(graphdef, abstract nnx state) of the model, allocating nothing."""
+  return nnx.split(nnx.eval_shape(lambda: InteractionModel(cfg, rngs=nnx.Rngs(0))))
+
+
+def params_abstract(config, sharding: jax.sharding.Sharding | None = None):
+  """(graphdef, abstract nnx state) of the model `config` describes, each leaf a
+  ShapeDtypeStruct placed on `sharding` (default: the first device, what serving runs on).
+  `nnx.to_pure_dict` of the state is the `params` subtree of a checkpoint."""
+  graphdef, abs_state = abstract_model(ModelConfig.from_config(config))
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return graphdef, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abs_state)
+
+
+def model_from_params(graphdef, abs_state, params: dict) -> InteractionModel:
+  """The model with `params` (a pure dict, as checkpointed) in the structure of `abs_state`."""
+  state = jax.tree.map(lambda x: x, abs_state)  # a copy: replace_by_pure_dict mutates
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state)
+
+
+def _nested(flat: dict) -> dict:
+  out = {}
+  for path, v in flat.items():
+    d = out
+    for k in path[:-1]:
+      d = d.setdefault(k, {})
+    d[path[-1]] = v
+  return out
+
+
+def param_shardings(abs_state, rules, mesh) -> dict:
+  """NamedSharding of every parameter (pure-dict tree) from its logical axes."""
+  return _nested({
+      p: jax.sharding.NamedSharding(mesh, shd.logical_to_spec(
+          v.get_metadata().get("logical_axes", ()), rules, v.get_value().shape, mesh))
+      for p, v in abs_state.flat_state()})
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def make_optimizer(tc):
+  import optax  # training only (see the module docstring)
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, tc.lr, warmup_steps=tc.warmup_steps, decay_steps=max(tc.num_steps, tc.warmup_steps + 1),
+      end_value=tc.lr * tc.min_lr_ratio)
+  # No decay on vectors (norm scales): decaying them only fights the normalisation.
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  tx = optax.chain(optax.clip_by_global_norm(tc.clip_norm),
+                   optax.adamw(schedule, b2=tc.b2, weight_decay=tc.weight_decay,
+                               mask=decay_mask))
+  return tx, schedule
+
+
+def optimizer_shardings(tx, abs_opt, param_sh, mesh):
+  """Optimizer moments follow their parameter's sharding; scalars (counts) are replicated."""
+  import optax  # training only
+  return optax.tree_utils.tree_map_params(tx, lambda _, sh: sh, abs_opt, param_sh,
+                                          transform_non_params=lambda _: shd.replicated(mesh))
+
+
+def global_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+# ----------------------------------------------------------------------------- setup
+
+class Setup:
+  """Everything static about a run: model graph, shardings, optimizer, jitted steps."""
+
+  def __init__(self, config, mesh):
+    self.config, self.mesh = config, mesh
+    self.cfg = ModelConfig.from_config(config)
+    self.graphdef, self.abs_state = abstract_model(self.cfg)
+    self.tx, self.schedule = make_optimizer(config.train)
+    abs_params = nnx.to_pure_dict(self.abs_state)
+    abs_opt = jax.eval_shape(self.tx.init, abs_params)
+    param_sh = param_shardings(self.abs_state, config.sharding_rules, mesh)
+    self.state_sharding = dict(step=shd.replicated(mesh), params=param_sh,
+                               opt=optimizer_shardings(self.tx, abs_opt, param_sh, mesh))
+    self.abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        dict(step=jax.ShapeDtypeStruct((), jnp.int32), params=abs_params, opt=abs_opt),
+        self.state_sharding)
+    self.batch_sharding = shd.batch_sharding(mesh)
+    self.weights = {k: float(v) for k, v in config.train.loss_weights.items()}
+    self._init_jit = jax.jit(self._init, out_shardings=self.state_sharding)
+    step_in = (self.state_sharding, self.batch_sharding, shd.replicated(mesh))
+    self._train_step_jit = jax.jit(functools.partial(train_step, setup=self),
+                                   in_shardings=step_in,
+                                   out_shardings=(self.state_sharding, shd.replicated(mesh)),
+                                   donate_argnums=(0,))
+    self._eval_step_jit = jax.jit(functools.partial(eval_step, setup=self),
+                                  in_shardings=step_in, out_shardings=shd.replicated(mesh))
+
+  # The jitted steps trace under the run's mesh, so layers can see it (the MoE dispatches
+  # tokens by all-to-all when the mesh has an 'expert' axis > 1).
+  def init(self):
+    with jax.set_mesh(self.mesh):
+      return self._init_jit()
+
+  def train_step(self, state, batch, rng):
+    with jax.set_mesh(self.mesh):
+      return self._train_step_jit(state, batch, rng)
+
+  def eval_step(self, state, batch, rng):
+    with jax.set_mesh(self.mesh):
+      return self._eval_step_jit(state, batch, rng)
+
+  def _init(self):
+    model = InteractionModel(self.cfg, rngs=nnx.Rngs(self.config.seed))
+    params = nnx.to_pure_dict(nnx.state(model))
+    return dict(step=jnp.zeros((), jnp.int32), params=params, opt=self.tx.init(params))
+
+  def model(self, params):
+    return model_from_params(self.graphdef, self.abs_state, params)
+
+
+# ----------------------------------------------------------------------------- steps
+
+def train_step(state, batch, rng, *, setup: Setup):
+  """One optimizer step; a non-finite loss or gradient leaves the state unchanged and
+  reports ok=False (the host then stops the run with the pre-step state saved)."""
+
+  def loss_fn(params):
+    return compute_losses(setup.model(params), batch, rng, setup.weights)
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  grad_norm = global_norm(grads)
+  updates, opt = setup.tx.update(grads, state["opt"], state["params"])
+  params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state["params"], updates)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new = dict(step=state["step"] + 1, params=params, opt=opt)
+  new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
+  metrics = dict(metrics, loss=loss, grad_norm=grad_norm, ok=ok,
+                 lr=setup.schedule(state["step"]))
+  return new, metrics
+
+
+def eval_step(state, batch, rng, *, setup: Setup):
+  """Every loss term plus the sampled-mel L1, from one forward pass."""
+  model = setup.model(state["params"])
+  out = model(batch)
+  _, metrics = losses_from_output(model, out, batch, rng, setup.weights)
+  metrics["audio_l1"] = sampled_audio_l1(model, out.audio_cond, batch, rng,
+                                         setup.config.model.flow_steps)
+  return metrics
