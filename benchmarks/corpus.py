@@ -3,7 +3,7 @@ r"""Corpus generation speed: seconds of conversation generated and featurised pe
   python benchmarks/corpus.py                      # 60 conversations of 24 s, 2 workers
   python benchmarks/corpus.py --num=150 --workers=2 --duration=24
 
-Goal (issue 3): one hour of conversation generated + featurised in <= 3 minutes on 2 cores,
+Goal: one hour of conversation generated + featurised in <= 3 minutes on 2 cores,
 i.e. >= 20 conversation-seconds per wall second. Prints the figure and the CPU-time
 breakdown: synth (eSpeak NG + word alignment + resampling), mix (scenario logic, placement,
 augmentation) and featurise (dMel / log-mel of both channels, int16). Serialisation to

@@ -28,7 +28,7 @@ Any field can be overridden on the command line: `--config.model.num_experts=16`
 
 import ml_collections as mlc
 
-# Logical parameter/activation axis -> mesh axis. One table for the whole model (STYLE.md).
+# Logical parameter/activation axis -> mesh axis. One table for the whole model.
 SHARDING_RULES = (
     ("batch", ("data", "fsdp", "expert")),
     ("embed", "fsdp"),
@@ -122,13 +122,16 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
       log_every=10, eval_every=60, eval_batches=4, checkpoint_every=60, keep_checkpoints=3,
       time_budget_s=20 * 60.0,
       loss_weights=mlc.ConfigDict(dict(text=1.0, audio=1.0, balance=0.01, z=1e-3,
-                                       background=1.0, speak=1.0)),
+                                       background=1.0, speak=1.0,
+                                       # onsets/offsets of the model's speech in the gate
+                                       # loss (tml_jax.train.losses.speak_terms)
+                                       speak_transition=10.0)),
   ))
   config.data = mlc.ConfigDict(dict(
       dir="", num_train=300, num_validation=24, num_test=40, conversation_s=24.0, seed=0,
       workers=0,
   ))
-  # Background model (DESIGN §5, tml_jax/model/background.py), trained jointly through
+  # Background model (docs/design.md §5, tml_jax/model/background.py), trained jointly through
   # train.loss_weights.background; `serve` holds the streaming engine's settings.
   config.background = mlc.ConfigDict(dict(
       enabled=True, d_model=128, num_layers=2, num_heads=4, head_dim=32, hidden=512,

@@ -9,6 +9,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -114,6 +115,31 @@ def test_pallas_backend_serves_through_the_decode_kernel(ring_model, rng):
   assert called, "the cached step did not reach the decode kernel"
 
 
+def test_speak_gate_silences_the_micro_turn(ring_model, rng):
+  """A closed gate makes the chunk silent (EOT then PAD, the silence floor as mel) without
+  changing what the model computes; an open one leaves the decode alone."""
+  from tml_jax.audio.constants import LOG_MIN
+  model, _ = ring_model
+  assert model.cfg.speak_gate
+  b = random_batch(model.cfg.layout, batch=1, num_chunks=3, seed=int(rng.integers(1 << 30)))
+  bias = model.speak_b[...]
+  outs = {}
+  try:
+    for name, value in (("closed", -10.0), ("open", 10.0)):
+      model.speak_b[...] = jnp.full_like(bias, value)
+      sm = StreamingModel(model, flow_steps=1)
+      outs[name] = [sm.step(_obs(b, t), forced_T=b["model_text_in"][0, t]) for t in range(3)]
+  finally:
+    model.speak_b[...] = bias
+  for closed, opened in zip(outs["closed"], outs["open"]):
+    assert float(closed["p_speak"]) < 1e-3 and float(opened["p_speak"]) > 1 - 1e-3
+    toks = np.asarray(closed["tokens"])
+    assert toks[0] == tok.EOT and np.all(toks[1:] == tok.PAD)
+    np.testing.assert_array_equal(np.asarray(closed["mel"]), LOG_MIN)
+    assert np.asarray(opened["mel"]).max() > LOG_MIN + 1.0
+    np.testing.assert_allclose(closed["logits"], opened["logits"], atol=1e-5)
+
+
 def test_free_running_decode_feeds_its_own_tokens(ring_model, rng):
   """Without forcing, slot j reads the token predicted at j-1 (PAD after EOT): forcing those
   same tokens gives identical logits."""
@@ -154,7 +180,7 @@ def test_offline_outputs_aligned(engine, rng, tmp_path):
   out, rate = io.load_wav(tmp_path / "output.wav")
   assert rate == 16000 and out.shape == wav.shape
   assert np.all(out[:3200] == 0)  # nothing is played before the first chunk's output
-  transcript = json.load(open(tmp_path / "output.json"))
+  transcript = json.load(open(tmp_path / "monologue.json"))
   assert set(transcript) == {"text", "chunks"}
   for w in transcript["chunks"]:
     assert w["timestamp"][0] >= 0.2 and w["timestamp"][1] > w["timestamp"][0]

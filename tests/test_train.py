@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from configs.interaction import get_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["--config=configs/interaction.py:tiny,smoke", "--config.train.log_every=1",
         "--config.train.eval_every=1000", "--config.train.checkpoint_every=3"]
@@ -286,3 +288,33 @@ def test_mesh_2x2x2_matches_one_device(impl, rng):
   r = json.loads(p.stdout.strip().splitlines()[-1])
   assert abs(r["loss_one"] - r["loss_mesh"]) <= 1e-5 * abs(r["loss_one"]), r
   assert r["grad_rel"] < 1e-4, r
+
+
+def test_config_mismatch_is_an_error_not_damage(tmp_path):
+  """A resume with a config whose model differs from the saved run's raises an error naming
+  the parameter and touches nothing: no quarantine, the checkpoint stays where it was."""
+  import grain
+  from tml_jax.train import sharding as shd
+  from tml_jax.train.checkpoint import Checkpointer, ConfigMismatchError
+  from tml_jax.train.state import Setup
+
+  def loader():
+    return iter(grain.DataLoader(data_source=list(range(8)), sampler=grain.samplers.IndexSampler(
+        num_records=8, shuffle=False, num_epochs=1, seed=0)))
+
+  config = get_config("tiny,smoke")
+  setup = Setup(config, shd.make_mesh(config))
+  ckpt = Checkpointer(str(tmp_path), keep=2, async_save=False)
+  ckpt.save(3, setup.init(), loader(), force=True)
+  ckpt.close()
+  before = sorted(os.listdir(tmp_path / "checkpoints"))
+  other = get_config("tiny,smoke")
+  other.model.speak_gate = not config.model.speak_gate
+  ckpt = Checkpointer(str(tmp_path), keep=2, async_save=False)
+  with pytest.raises(ConfigMismatchError, match="speak_"):
+    ckpt.restore_latest(Setup(other, shd.make_mesh(other)).abstract_state, loader())
+  step, _ = ckpt.restore_latest(setup.abstract_state, loader())
+  ckpt.close()
+  assert step == 3
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+  assert not (tmp_path / "checkpoints_corrupt").exists()

@@ -5,8 +5,11 @@ r"""Talk to a trained interaction model: a recording (offline) or paced by the w
 
 --input is a 16 kHz wav or a Full-Duplex-Bench sample folder (input.wav, optional video.npy or
 frames/). Writes OUT/output.wav (exactly the input's length, the audio made in chunk t at
-[(t+1)*200 ms, (t+2)*200 ms)), OUT/output.json ({"text", "chunks": [{"text", "timestamp"}]}),
-OUT/events.jsonl, OUT/timeline.png and OUT/latency.json. The config comes from W/config.json
+[(t+1)*200 ms, (t+2)*200 ms)), OUT/monologue.json (the model's own text stream, {"text",
+"chunks": [{"text", "timestamp"}]}), OUT/output.json (the same shape: what an offline ASR,
+pocketsphinx, hears in output.wav, i.e. what Full-Duplex-Bench's scripts score; skipped with
+a note when pocketsphinx is not installed, or with --notranscribe), OUT/events.jsonl,
+OUT/timeline.png and OUT/latency.json. The config comes from W/config.json
 (the trainer writes it), else --config (default configs/interaction.py:tiny).
 
 From Python (the evaluation harness; load once, run many):
@@ -23,7 +26,6 @@ import json
 from absl import app, flags
 
 from tml_jax.serve.engine import Engine
-
 
 
 def run(workdir: str, input_path: str, out_dir: str, *, config=None, live: bool = False,
@@ -47,8 +49,16 @@ def main(argv):
     kw["temperature"] = _TEMPERATURE.value
   out = run(_WORKDIR.value, _INPUT.value, _OUT.value, config=_CONFIG.value, live=_LIVE.value,
             delegate_at_s=[float(x) for x in _DELEGATE_AT.value], **kw)
+  heard = None
+  if _TRANSCRIBE.value:
+    try:
+      from tml_jax.eval import asr
+    except ImportError as e:  # serving images may not carry the recogniser
+      print(f"output.json not written ({e}); pip install pocketsphinx to transcribe output.wav")
+    else:
+      heard = asr.write_transcript(_OUT.value)["text"]
   print(json.dumps(dict(latency=out["latency"], text=" ".join(w["text"] for w in out["words"]),
-                        files=out["files"]), indent=1))
+                        heard=heard, files=out["files"]), indent=1))
 
 
 if __name__ == "__main__":
@@ -61,4 +71,6 @@ if __name__ == "__main__":
   _LIVE = flags.DEFINE_bool("live", False, "Pace by the wall clock (late input = silence).")
   _TEMPERATURE = flags.DEFINE_float("temperature", None, "Text sampling temperature (0 = greedy).")
   _DELEGATE_AT = flags.DEFINE_list("delegate_at_s", [], "Force delegations at these times (demo).")
+  _TRANSCRIBE = flags.DEFINE_bool("transcribe", True, "Write OUT/output.json: the ASR of "
+                                  "output.wav (pocketsphinx).")
   app.run(main)

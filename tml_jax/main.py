@@ -3,13 +3,16 @@ r"""The project's main job, end to end on the tiny config:
   python -m tml_jax.main --config=configs/interaction.py:tiny --workdir=runs/tiny
 
 1. builds the tml_duplex corpus on first use (config.data; `data/` beside the workdir),
-2. trains (tml_jax.trainer; resumes when rerun) and writes W/report.md + W/loss_curves.png,
+2. trains (tml_jax.train.loop; resumes when rerun) and writes W/report.md + W/loss_curves.png,
 3. exports the test split in Full-Duplex-Bench layout (once) and runs the evaluation harness
    over it for the trained model and the baselines, then prints the results table
-   (W/eval/report.md).
+   (W/eval/report.md): every system scored on what it says out loud (the ASR of its
+   output.wav), with the model's own text stream in a labelled column beside it. Exits
+   non-zero when the trained model cannot be loaded for scoring.
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -24,7 +27,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   import jax
-  from tml_jax.trainer import train_and_evaluate
+  from tml_jax.train.loop import train_and_evaluate
   config, workdir = _CONFIG.value, _WORKDIR.value
   result = train_and_evaluate(config, workdir)
   if result.get("status") == "preempted" or not _EVAL.value or jax.process_index() != 0:
@@ -39,8 +42,12 @@ def main(argv):
   from tml_jax import evaluate
   from tml_jax.eval import report
   out = os.path.join(workdir, "eval")
-  evaluate.evaluate(fdb, out, workdir=workdir, config=config)
+  scored = evaluate.evaluate(fdb, out, workdir=workdir, config=config)
+  # Voice-scored columns (the ASR of each output.wav), the model's text stream beside them.
   report.print_table(os.path.join(out, "report.json"))
+  print(f"evaluation: {scored['wall_s']} s; report in {out}/report.md", flush=True)
+  if "model" in scored["unavailable"]:  # a run that trained a model must score it
+    sys.exit(f"error: the trained model could not be scored: {scored['unavailable']['model']}")
 
 
 if __name__ == "__main__":

@@ -191,3 +191,59 @@ def teacher_forced_probe(model, batches) -> dict:
   if not parts:
     raise ValueError("no validation batches for the speak-decision probe")
   return summarize(*(np.concatenate([p[i] for p in parts]) for i in range(4)))
+
+
+def free_running_on_validation(config, params, data_dir: str, *, num: int = 4,
+                               max_s: float = 12.0) -> dict:
+  """`free_running` over the first `num` validation conversations of the corpus in
+  `data_dir`, with a streaming engine built from `params` (a pure dict of the run's
+  parameters) under the serving form of `config`."""
+  from tml_jax.data import tml_duplex
+  from tml_jax.serve.engine import Engine
+  from tml_jax.serve.stream import serving_config
+  from tml_jax.train.state import model_from_params, params_abstract
+  config = serving_config(config)
+  graphdef, abstract = params_abstract(config)
+  engine = Engine(model_from_params(graphdef, abstract, params), config)
+  source = tml_duplex.load_split(data_dir, "validation", config.data)
+  records = [source[i] for i in range(min(num, len(source)))]
+  return free_running(engine, records, chunk_s=config.layout.chunk_ms / 1000, max_s=max_s)
+
+
+def main(argv=None):
+  """python -m tml_jax.probe --workdir=W [--free_running=4] [--batches=4]: the probe of a
+  trained run's newest checkpoint; writes W/speak_probe.json and W/speak_probe.png."""
+  import argparse
+  import os
+  from flax import nnx
+  from tml_jax.serve.engine import load_config
+  from tml_jax.serve.stream import serving_config
+  from tml_jax.train.checkpoint import restore_params
+  from tml_jax.train.loop import data_loaders
+  from tml_jax.train.state import model_from_params, params_abstract
+  ap = argparse.ArgumentParser(description=main.__doc__)
+  ap.add_argument("--workdir", required=True)
+  ap.add_argument("--batches", type=int, default=4, help="validation batches, teacher-forced")
+  ap.add_argument("--free_running", type=int, default=4, help="validation conversations "
+                  "through the streaming engine (0: skip)")
+  ap.add_argument("--max_s", type=float, default=12.0, help="seconds of each conversation")
+  args = ap.parse_args(argv)
+  config = serving_config(load_config(args.workdir))
+  graphdef, abstract = params_abstract(config)
+  params, step = restore_params(args.workdir, nnx.to_pure_dict(abstract))
+  model = model_from_params(graphdef, abstract, params)
+  _, make_val, data_dir = data_loaders(config, args.workdir)
+  it = iter(make_val())
+  probes = {"teacher-forced": teacher_forced_probe(model, [next(it) for _ in range(
+      args.batches)])}
+  if args.free_running:
+    probes["free-running"] = free_running_on_validation(
+        config, params, data_dir, num=args.free_running, max_s=args.max_s)
+  with open(os.path.join(args.workdir, "speak_probe.json"), "w") as f:
+    json.dump(dict(step=step, probes=probes), f, indent=1)
+  plot_probe(probes, os.path.join(args.workdir, "speak_probe.png"))
+  print(f"step {step}\n" + table_md(probes))
+
+
+if __name__ == "__main__":
+  main()

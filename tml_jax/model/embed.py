@@ -1,6 +1,6 @@
 """Early-fusion embeddings: dMel frames, 40x40 video patches, text and segment ids.
 
-No audio encoder and no vision tower (DESIGN §1): each modality is one small learned map
+No audio encoder and no vision tower (docs/design.md §1): each modality is one small learned map
 into the model width, trained from scratch with everything else.
 Shapes: N tokens (any leading dims), D width, Cm mel channels, Nb dMel bins.
 """

@@ -7,7 +7,7 @@ Input batch (numpy or jnp; C chunks, layout slot counts Fu/Fs/P/Ti/To/A, prefix 
   text_in        int   [B, C, Ti]       typed text / background results arriving in chunk t
   model_text_in  int   [B, C, To]       teacher-forced inputs: BOS then the chunk's targets
   prefix         int   [B, P0]          system prompt tokens (only when P0 > 0)
-  meta           TokenMeta [B, L]       DESIGN §4 metadata of the flat sequence
+  meta           TokenMeta [B, L]       docs/design.md §4 metadata of the flat sequence
 Outputs: hidden [B, L, D], text logits [B, C, To, V] read at MODEL_TEXT, audio conditions
 [B, C, A, D] read at MODEL_AUDIO (the flow head turns them into mel frames of chunk t+1).
 
@@ -132,7 +132,8 @@ class InteractionModel(nnx.Module):
       self.background = BackgroundModel(cfg.background, rngs=rngs)
     if cfg.speak_gate:
       self.speak_w = param(rngs, jax.nn.initializers.zeros, (cfg.d_model,), ("embed",), pd)
-      self.speak_b = param(rngs, jax.nn.initializers.zeros, (1,), ("norm",), pd)
+      # Start silent-leaning (P = 0.27): an untrained model should not fill the room.
+      self.speak_b = param(rngs, jax.nn.initializers.constant(-1.0), (1,), ("norm",), pd)
 
   def embed_chunks(self, batch) -> dict:
     """Per-segment embeddings `[B, C, S, D]` (segment embedding added), ready for `pack`."""

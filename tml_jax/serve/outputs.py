@@ -1,5 +1,10 @@
-"""What a run leaves on disk: output.wav, output.json (Full-Duplex-Bench transcript shape),
+"""What a run leaves on disk: output.wav, monologue.json (the model's own text stream, in
+Full-Duplex-Bench's transcript shape {"text", "chunks": [{"text", "timestamp": [s, e]}]}),
 events.jsonl, timeline.png and latency.json.
+
+output.json is not written here: the benchmark scores what a system says out loud, so the
+evaluation harness writes output.json from the ASR of output.wav (`tml_jax.eval.asr`) for
+every system alike, and reports the text stream beside it as a diagnostic.
 
 Time alignment: what the model makes in chunk t (its text and its audio) is played during
 chunk t+1, so audio of chunk t lands at samples [(t+1)*S, (t+2)*S) and a word predicted in
@@ -114,12 +119,12 @@ def timeline_png(path: str, wav_in: np.ndarray, wav_out: np.ndarray, word_list, 
 
 def write_all(out_dir: str, res: dict, wav_in: np.ndarray, chunk_s: float) -> dict:
   files = {k: os.path.join(out_dir, v) for k, v in dict(
-      wav="output.wav", transcript="output.json", events="events.jsonl",
+      wav="output.wav", monologue="monologue.json", events="events.jsonl",
       timeline="timeline.png", latency="latency.json").items()}
   wav_out = aligned_audio(res["out_audio"], wav_in.size)
   io.save_wav(files["wav"], wav_out)
   word_list = words(res["records"], chunk_s)
-  with open(files["transcript"], "w") as f:
+  with open(files["monologue"], "w") as f:
     json.dump(dict(text=" ".join(w["text"] for w in word_list), chunks=word_list), f, indent=1)
   with open(files["events"], "w") as f:
     for e in res["events"]:

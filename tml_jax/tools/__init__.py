@@ -1,4 +1,4 @@
-"""Tools of the background model (DESIGN §5): calculator, clock/timer/reminders, knowledge
+"""Tools of the background model (docs/design.md §5): calculator, clock/timer/reminders, knowledge
 lookup and a chart renderer.
 
 A tool is `fn(args: str, ctx: ToolContext) -> str`. The background model writes

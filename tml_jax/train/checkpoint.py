@@ -27,6 +27,10 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.abspath(os.path.join(workdir, "checkpoints"))
 
 
+class ConfigMismatchError(ValueError):
+  """The saved run's parameters do not match the config's model."""
+
+
 class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
@@ -61,6 +65,19 @@ class Checkpointer:
     steps = sorted(self.manager.all_steps(), reverse=True)
     failed = []
     for step in steps:
+      # A config that does not describe the saved run is the user's to fix, not damage:
+      # say which parameter differs and touch nothing.
+      reader = _reader(self.dir)  # the training manager has no metadata handler for `state`
+      try:
+        mismatch = _params_mismatch(reader, step, abstract_state["params"])
+      finally:
+        reader.close()
+      if mismatch:
+        raise ConfigMismatchError(
+            f"the checkpoint at step {step} in {self.dir} was trained with another model "
+            f"config ({mismatch}). Nothing was changed. Fix: rerun with the config the run was "
+            "trained with (its config.json; e.g. --config.model.speak_gate=False for runs "
+            "saved before the speak gate existed), or use a new --workdir.")
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
@@ -106,9 +123,9 @@ class Checkpointer:
       for s in steps:
         src = os.path.join(self.dir, str(s))
         if os.path.exists(src):
-          dst = os.path.join(self.corrupt_dir, str(s))
-          if os.path.exists(dst):
-            shutil.rmtree(dst)
+          dst, n = os.path.join(self.corrupt_dir, str(s)), 1
+          while os.path.exists(dst):  # never delete an earlier quarantined copy
+            dst, n = os.path.join(self.corrupt_dir, f"{s}.{n}"), n + 1
           shutil.move(src, dst)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
@@ -118,6 +135,14 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _reader(ckpt_dir: str):
+  # read_only: serving may read a workdir a trainer is writing; it must never clean up.
+  return ocp.CheckpointManager(ckpt_dir, item_names=("state",),
+                               item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+                               options=ocp.CheckpointManagerOptions(
+                                   read_only=True, enable_async_checkpointing=False))
 
 
 def restore_params(workdir: str, abstract_params, *, step: int | None = None):
@@ -132,11 +157,7 @@ def restore_params(workdir: str, abstract_params, *, step: int | None = None):
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; train first "
                             f"(python -m tml_jax.train --config=... --workdir={workdir}).")
-  # read_only: serving may read a workdir a trainer is writing; it must never clean up.
-  manager = ocp.CheckpointManager(ckpt_dir, item_names=("state",),
-                                  item_handlers={"state": ocp.PyTreeCheckpointHandler()},
-                                  options=ocp.CheckpointManagerOptions(
-                                      read_only=True, enable_async_checkpointing=False))
+  manager = _reader(ckpt_dir)
   try:
     return _restore_params(manager, ckpt_dir, workdir, abstract_params, step)
   finally:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tml_jax import probe as probe_lib
 from tml_jax.config import validate
 from tml_jax.model.transformer import count_params
 from tml_jax.text import tokenizer as tok
@@ -51,11 +52,23 @@ def maybe_initialize_distributed():
 
 
 def write_config(config, workdir: str):
-  """W/config.json: what the engine and the evaluation load the model with."""
+  """W/config.json: what the engine and the evaluation load the model with. A different
+  earlier config.json is kept as config.<n>.json (the run's config history)."""
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=1))
+  if jax.process_index() != 0:
+    return
+  path, text = os.path.join(workdir, "config.json"), config.to_json(indent=1)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = f.read()
+    if old == text:
+      return
+    n = 1
+    while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
+      n += 1
+    os.replace(path, os.path.join(workdir, f"config.{n}.json"))
+  with open(path, "w") as f:
+    f.write(text)
 
 
 def describe(setup: Setup):
@@ -65,11 +78,16 @@ def describe(setup: Setup):
         f"{jax.process_count()} process(es)", flush=True)
 
 
+def corpus_dir(config, workdir: str) -> str:
+  """config.data.dir, or data/ beside the workdir."""
+  return config.data.dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), "data")
+
+
 def data_loaders(config, workdir: str):
   """(train loader, make_val() -> a fresh validation loader, data dir); builds the corpus
   in `config.data.dir` (default: data/ beside the workdir) on first use."""
   from tml_jax.data import pipeline, tml_duplex
-  data_dir = config.data.dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), "data")
+  data_dir = corpus_dir(config, workdir)
   try:
     tml_duplex.dataset_dir(data_dir, config.data)
   except FileNotFoundError:
@@ -164,6 +182,30 @@ def decoded_samples(setup: Setup, state, make_val, max_lines: int = 24) -> list[
   return lines[:max_lines]
 
 
+def speak_probe(setup: Setup, state, make_val, num_batches: int) -> dict | None:
+  """The teacher-forced speak-decision probe (tml_jax.probe) on validation batches; None
+  when the model has no speak gate or the batch spans processes."""
+  if not setup.cfg.speak_gate or jax.process_count() > 1:
+    return None
+  logits = jax.jit(lambda params, b: setup.model(params)(b).speak_logits)
+  it, parts = iter(make_val()), []
+  with jax.set_mesh(setup.mesh):
+    for _ in range(num_batches):
+      b = next(it)
+      out = logits(state["params"], shd.to_global(b, setup.batch_sharding))
+      parts.append(probe_lib.teacher_forced(np.asarray(out), b))
+  return probe_lib.summarize(*(np.concatenate([p[i] for p in parts]) for i in range(4)))
+
+
+def free_running_probe(setup: Setup, state, data_dir: str, num: int) -> dict | None:
+  """The probe with the model hearing its own voice (validation conversations through the
+  streaming engine); None without a speak gate or across processes."""
+  if not setup.cfg.speak_gate or jax.process_count() > 1 or num <= 0:
+    return None
+  params = jax.device_get(state["params"])
+  return probe_lib.free_running_on_validation(setup.config, params, data_dir, num=num)
+
+
 def write_final_report(setup: Setup, state, make_val, workdir: str) -> dict:
   """Measures on every process (evaluation is one program over all devices); process 0
   writes the report."""
@@ -173,9 +215,19 @@ def write_final_report(setup: Setup, state, make_val, workdir: str) -> dict:
   samples = decoded_samples(setup, state, make_val)
   if jax.process_index() != 0:
     return dict(report=dict(validation=val, baselines=base, samples=samples))
+  probes = {}
+  tf = speak_probe(setup, state, make_val, tc.eval_batches)
+  if tf is not None:
+    probes["teacher-forced"] = tf
+    print("speak-decision probe: running the engine free on validation conversations ...",
+          flush=True)
+    fr = free_running_probe(setup, state, corpus_dir(setup.config, workdir),
+                            num=int(tc.get("probe_free_running_conversations", 4)))
+    if fr is not None:
+      probes["free-running"] = fr
   return report_lib.write_report(
       workdir, variant=setup.config.variant, step=int(state["step"]), validation=val,
-      baselines=base, samples=samples, rows=report_lib.read_metrics(workdir))
+      baselines=base, samples=samples, rows=report_lib.read_metrics(workdir), probes=probes)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -248,6 +300,10 @@ def log_train(run: Run, metrics, meter: Throughput):
 
 def log_validation(run: Run):
   val = evaluate(run.setup, run.state, run.make_val, run.setup.config.train.eval_batches)
+  probe = speak_probe(run.setup, run.state, run.make_val, run.setup.config.train.eval_batches)
+  for name, r in (probe or {}).items():
+    val[f"probe_{name}"] = r["p_speak"]
+    val[f"probe_{name}_acc"] = r["accuracy"]
   run.log.write(run.step, {f"val_{k}": v for k, v in val.items()})
   shown = ("loss", "text", "audio", "audio_l1", "text_acc")
   print(f"  validation @ {run.step}: " + " ".join(f"{k}={v:.4f}" for k, v in val.items()
@@ -301,11 +357,12 @@ def train_and_evaluate(config, workdir: str, *, final_report: bool = True) -> di
   evaluation and report (scripts and tests that only need the checkpoints and metrics)."""
   maybe_initialize_distributed()
   validate(config, num_devices=jax.device_count())
-  write_config(config, workdir)
   setup = Setup(config, shd.make_mesh(config))
   describe(setup)
   train_loader, make_val, data_dir = data_loaders(config, workdir)
   run = start(setup, workdir, train_loader, make_val)
+  # Only now: a resume that fails must leave the run's config.json as it was.
+  write_config(config, workdir)
   stop = stop_on_sigterm()
   status = train(run, stop)
   finish(run, status, stop)

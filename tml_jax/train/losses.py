@@ -65,16 +65,27 @@ def audio_loss(model, audio_cond_BCAD, batch, rng):
   return flow_matching_loss(model.flow, audio_cond_BCAD.reshape(B * C * A, D), x1, rng, w)
 
 
-def speak_terms(speak_logits_BC, batch) -> dict:
-  """Gate BCE, its accuracy and the mean predicted P(speak), over chunks with a target."""
+def speak_terms(speak_logits_BC, batch, transition_weight: float = 1.0) -> dict:
+  """Gate BCE, its accuracy and the mean predicted P(speak), over chunks with a target.
+
+  Chunks where the decision changes (an onset: silent now, speaking next; an offset: the
+  reverse) weigh `transition_weight` times the others. Without it the gate learns "keep
+  doing what I hear myself doing", right on almost every chunk, and never starts a turn on
+  its own (the free-running probe shows it).
+  """
   y = jnp.asarray(batch["speak_target"], jnp.float32)
-  w = jnp.asarray(batch["audio_mask"], jnp.float32)
+  mask = jnp.asarray(batch["audio_mask"], jnp.float32)
+  now = jnp.asarray(batch.get("speak_now", batch["speak_target"]), jnp.float32)
+  w = mask * jnp.where(now != y, transition_weight, 1.0)
   n = jnp.maximum(jnp.sum(w), 1.0)
   # log(1 + e^x) - y x: the stable form of BCE with logits.
   bce = jax.nn.softplus(speak_logits_BC) - y * speak_logits_BC
   correct = ((speak_logits_BC > 0) == (y > 0.5)).astype(jnp.float32)
-  return dict(speak=jnp.sum(bce * w) / n, speak_acc=jnp.sum(correct * w) / n,
-              speak_p=jnp.sum(jax.nn.sigmoid(speak_logits_BC) * w) / n)
+  m = jnp.maximum(jnp.sum(mask), 1.0)
+  onset = mask * (1 - now) * y
+  return dict(speak=jnp.sum(bce * w) / n, speak_acc=jnp.sum(correct * mask) / m,
+              speak_p=jnp.sum(jax.nn.sigmoid(speak_logits_BC) * mask) / m,
+              speak_onset_acc=jnp.sum(correct * onset) / jnp.maximum(jnp.sum(onset), 1.0))
 
 
 def background_loss(bg, hidden_BLD, meta: TokenMeta, batch, window):
@@ -105,7 +116,8 @@ def losses_from_output(model, out, batch, rng, weights) -> tuple[jnp.ndarray, di
         batch, model.cfg.window)
   metrics["speak"] = jnp.zeros(())
   if out.speak_logits is not None and "speak_target" in batch:
-    metrics.update(speak_terms(out.speak_logits, batch))
+    metrics.update(speak_terms(out.speak_logits, batch,
+                               weights.get("speak_transition", 1.0)))
   total = sum(weights.get(k, 0.0) * metrics[k] for k in TERMS)
   metrics["loss"] = total
   return total, metrics

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 
+from tml_jax import probe as probe_lib
+
 
 def read_metrics(workdir: str) -> list[dict]:
   """The records of W/metrics.jsonl (one per logged step), [] before the first."""
@@ -63,20 +65,46 @@ def markdown(variant: str, step: int, val: dict, base: dict, first: dict,
       *samples, "```", ""]
 
 
+def probe_markdown(probes: dict, png: str | None) -> list[str]:
+  if not probes:
+    return []
+  return ["## Speak-decision probe", "",
+          "P(the model speaks in chunk t+1) by condition on validation conversations, against "
+          "the truth (does the model channel hold speech then). Teacher-forced: the model "
+          "hears the corpus' audio as its own; free-running: it hears what it generated.", "",
+          probe_lib.table_md(probes), "", f"![probe]({os.path.basename(png)})" if png else "",
+          ""]
+
+
+def probe_history(rows: list[dict]) -> list[dict]:
+  """[{step, probe: {condition: {p_speak}}}] from the validation rows of metrics.jsonl."""
+  out = []
+  for r in rows:
+    conds = {c: dict(p_speak=r[f"val_probe_{c}"]) for c in probe_lib.CONDITIONS
+             if f"val_probe_{c}" in r}
+    if conds:
+      out.append(dict(step=r["step"], probe=conds))
+  return out
+
+
 def write_report(workdir: str, *, variant: str, step: int, validation: dict, baselines: dict,
-                 samples: list[str], rows: list[dict]) -> dict:
+                 samples: list[str], rows: list[dict], probes: dict | None = None) -> dict:
   """Writes the three files; returns dict(report=..., report_md=path, curves=path|None).
 
   validation: tml_jax.train.loop.evaluate's means; baselines: loop.baselines; samples:
-  decoded lines; rows: read_metrics(workdir).
+  decoded lines; rows: read_metrics(workdir); probes: {"teacher-forced": summary, ...}
+  of tml_jax.probe (also written as speak_probe.png, with P(speak) against steps).
   """
   png = plot_curves(rows, os.path.join(workdir, "loss_curves.png")) if rows else None
   first = next((r for r in rows if "text" in r), {})
   report = dict(validation=validation, baselines=baselines, first_logged=first,
-                samples=samples)
+                samples=samples, speak_probe=probes or {})
+  probe_png = (probe_lib.plot_probe(probes, os.path.join(workdir, "speak_probe.png"),
+                                    probe_history(rows)) if probes else None)
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(report, f, indent=1)
   md = markdown(variant, step, validation, baselines, first, samples)
+  md += probe_markdown(probes, probe_png)
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write("\n".join(md))
   print("\n".join(md[:12]), flush=True)

@@ -1,4 +1,4 @@
-"""Video frames -> 40x40 patches, the VIDEO tokens of a chunk (DESIGN §3: one frame per chunk,
+"""Video frames -> 40x40 patches, the VIDEO tokens of a chunk (docs/design.md §3: one frame per chunk,
 resized to a multiple of 40 px, no vision tower; the hMLP stem embeds each patch).
 
 Patches are row-major over the frame (patch p = row * (W // 40) + col) and each flattens its

@@ -1,4 +1,4 @@
-"""Synthetic video for the visual scenarios (DESIGN §6): one frame per micro-turn chunk, with
+"""Synthetic video for the visual scenarios (docs/design.md §6): one frame per micro-turn chunk, with
 exact annotations of what happens when, so that data can ask "tell me when something appears"
 or "count the bounces" and check the answer.
 
