@@ -1,4 +1,4 @@
-"""The micro-turn layout and its reference mask (DESIGN §4)."""
+"""The micro-turn layout and its reference mask (docs/design.md §4)."""
 
 import itertools
 
@@ -12,7 +12,7 @@ OBS = {0, 1, 2, 3, 6}
 
 
 def brute_force_mask(q: TokenMeta, k: TokenMeta, window):
-  """DESIGN §4 read literally, one (q, k) pair at a time."""
+  """docs/design.md §4 read literally, one (q, k) pair at a time."""
   B, Lq, Lk = q.chunk.shape[0], q.chunk.shape[1], k.chunk.shape[1]
   out = np.zeros((B, Lq, Lk), bool)
   for b, i, j in itertools.product(range(B), range(Lq), range(Lk)):

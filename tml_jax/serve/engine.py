@@ -1,4 +1,4 @@
-"""The real-time micro-turn engine (DESIGN §8): audio/video/text in, text + 200 ms audio out.
+"""The real-time micro-turn engine (docs/design.md §8): audio/video/text in, text + 200 ms audio out.
 
 Every micro-turn t (chunk t covers [t*200 ms, (t+1)*200 ms)):
   1. wait for the clock (live: until chunk t's audio has arrived; offline: no wait);
