@@ -12,7 +12,8 @@ tau = (t+1) * chunk_s (the end of chunk t, when chunk t+1's audio is decided):
   user_backchannel  a user "mm-hmm" while the model talks (keep talking)
 
 A chunk matching several takes the first in that list read bottom up (barge_in wins over
-user_speaking). Chunks matching none are "other". Pure numpy: the data pipeline imports it.
+user_speaking). Chunks matching none are "other". The labels themselves are built with
+the training rows (tml_jax.data.speak_labels); this module measures and draws.
 """
 
 from __future__ import annotations
@@ -21,53 +22,14 @@ import json
 
 import numpy as np
 
-CONDITIONS = ("other", "user_speaking", "pause", "after_turn_end", "barge_in",
-              "user_backchannel")
+from tml_jax.data.speak_labels import CONDITIONS, chunk_conditions, voiced_chunks
+
+__all__ = ["CONDITIONS", "chunk_conditions", "voiced_chunks", "summarize", "table_md",
+           "plot_probe", "teacher_forced", "teacher_forced_probe", "free_running",
+           "free_running_on_validation"]
 # Which way the truth mostly goes, for reading the table (not used in any computation).
 EXPECTED = {"user_speaking": "silent", "pause": "silent", "after_turn_end": "speak",
             "barge_in": "stop", "user_backchannel": "speak"}
-SPEECH_LOG_MEL = -4.0   # log10 mel: eSpeak speech peaks above -2, digital silence is -7
-VOICED_SHARE = 0.25     # a chunk is speech when >= 2 of its 8 frames are
-AFTER_TURN_S = 1.0
-BACKCHANNEL_TAIL_S = 0.4
-
-
-def _text(x) -> str:
-  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
-
-
-def voiced_chunks(mel_CF80) -> np.ndarray:
-  """bool [C]: chunks whose log-mel frames hold speech (the loudest channel above -4): the
-  speak gate's target, read from the model's own channel one chunk ahead."""
-  return (np.asarray(mel_CF80).max(-1) > SPEECH_LOG_MEL).mean(-1) >= VOICED_SHARE
-
-
-def chunk_conditions(record, total: int, chunk_s: float) -> np.ndarray:
-  """int8 [total]: the `CONDITIONS` index of each chunk's decision time."""
-  tau = (np.arange(total) + 1) * chunk_s
-  cond = np.zeros(total, np.int8)
-
-  def mark(name, start, end):
-    cond[(tau >= start) & (tau < end)] = CONDITIONS.index(name)
-
-  for text, s, e, who in zip(record["word_text"], record["word_start_s"], record["word_end_s"],
-                             record["word_speaker"]):
-    if _text(who) == "user":
-      mark("user_speaking", float(s), float(e))
-  events = json.loads(_text(record["events_json"]))
-  order = ("user_turn", "pause", "interruption", "user_backchannel")
-  for e in sorted(events, key=lambda e: order.index(e["kind"]) if e["kind"] in order else -1):
-    s, t = float(e["start_s"]), float(e["end_s"])
-    if e["kind"] == "user_turn":
-      mark("after_turn_end", t, t + AFTER_TURN_S)
-    elif e["kind"] == "pause":
-      mark("pause", s, t)
-    elif e["kind"] == "interruption":
-      mark("barge_in", s, t)
-    elif e["kind"] == "user_backchannel":
-      mark("user_backchannel", s, t + BACKCHANNEL_TAIL_S)
-  return cond
-
 
 def summarize(p_N, truth_N, cond_N, valid_N=None) -> dict:
   """Per condition: chunks, truth rate, mean P(speak), accuracy of P >= 0.5, and the mean
@@ -219,7 +181,7 @@ def main(argv=None):
   from tml_jax.serve.engine import load_config
   from tml_jax.serve.stream import serving_config
   from tml_jax.train.checkpoint import restore_params
-  from tml_jax.train.loop import data_loaders
+  from tml_jax.data import pipeline, tml_duplex
   from tml_jax.train.state import model_from_params, params_abstract
   ap = argparse.ArgumentParser(description=main.__doc__)
   ap.add_argument("--workdir", required=True)
@@ -232,8 +194,11 @@ def main(argv=None):
   graphdef, abstract = params_abstract(config)
   params, step = restore_params(args.workdir, nnx.to_pure_dict(abstract))
   model = model_from_params(graphdef, abstract, params)
-  _, make_val, data_dir = data_loaders(config, args.workdir)
-  it = iter(make_val())
+  data_dir = config.data.dir or os.path.join(os.path.dirname(os.path.abspath(args.workdir)),
+                                             "data")
+  val = tml_duplex.load_split(data_dir, "validation", config.data)
+  it = iter(pipeline.make_loader(val, config, split="validation", seed=0, shuffle=False,
+                                 random_crop=False))
   probes = {"teacher-forced": teacher_forced_probe(model, [next(it) for _ in range(
       args.batches)])}
   if args.free_running:

@@ -21,7 +21,7 @@ import math
 import grain
 import numpy as np
 
-from tml_jax import probe
+from tml_jax.data import speak_labels
 from tml_jax.data.background_targets import target_sequence
 from tml_jax.microturn import ChunkLayout, Segment, TextFifo, TokenMeta
 from tml_jax.text import tokenizer as tok
@@ -87,10 +87,10 @@ class MicroTurnExample(grain.transforms.RandomMap):
     out["audio_target"] = nxt.reshape(total, A, (F // A) * mel.shape[-1])
     out["audio_mask"] = np.arange(total) < total - 1
     # The speak gate's target: does the model's own channel hold speech in chunk t+1?
-    voiced = probe.voiced_chunks(mel)
+    voiced = speak_labels.voiced_chunks(mel)
     out["speak_target"] = np.concatenate([voiced[1:], [False]])
     out["speak_now"] = voiced  # what the model is doing in chunk t (onsets: now 0, target 1)
-    out["speak_condition"] = probe.chunk_conditions(record, total, self.chunk_s)
+    out["speak_condition"] = speak_labels.chunk_conditions(record, total, self.chunk_s)
 
     events = json.loads(_text(record["video_events_json"]))
     if lay.video:

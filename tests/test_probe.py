@@ -1,0 +1,61 @@
+"""The speak-decision probe: labels from the corpus annotations, summaries by condition."""
+
+import json
+
+import numpy as np
+
+from tml_jax import probe
+from tml_jax.data import speak_labels
+
+
+def _record(words, events):
+  return dict(word_text=[w[0] for w in words], word_start_s=[w[1] for w in words],
+              word_end_s=[w[2] for w in words], word_speaker=[w[3] for w in words],
+              events_json=json.dumps(events))
+
+
+def test_conditions_follow_the_annotations(rng):
+  """Hand-placed words and events at a random offset land on the chunks whose decision time
+  (t+1)*chunk_s falls inside them, with barge-in and backchannel winning over user speech."""
+  c = 0.2
+  off = float(rng.integers(0, 5)) * c
+  words = [("hello", off + 0.1, off + 0.9, "user"), ("stop", off + 3.0, off + 3.5, "user"),
+           ("mm", off + 5.0, off + 5.3, "user")]
+  events = [dict(kind="user_turn", start_s=off + 0.1, end_s=off + 1.5),
+            dict(kind="pause", start_s=off + 0.9, end_s=off + 1.3),
+            dict(kind="interruption", start_s=off + 3.0, end_s=off + 3.5),
+            dict(kind="user_backchannel", start_s=off + 5.0, end_s=off + 5.3)]
+  total = 40
+  cond = speak_labels.chunk_conditions(_record(words, events), total, c)
+  tau = (np.arange(total) + 1) * c
+  name = lambda t: probe.CONDITIONS[cond[int(round(t / c)) - 1]]
+  assert name(off + 0.6) == "user_speaking"
+  assert name(off + 1.0) == "pause"
+  assert name(off + 2.0) == "after_turn_end"
+  assert name(off + 3.2) == "barge_in"
+  assert name(off + 5.2) == "user_backchannel" and name(off + 5.6) == "user_backchannel"
+  assert name(off + 7.0) == "other"
+  assert len(cond) == len(tau)
+
+
+def test_voiced_chunks_reads_speech_from_the_mel():
+  mel = np.full((5, 8, 80), -7.0, np.float32)
+  mel[1, :2, 10] = -1.0   # 2 of 8 frames: speech
+  mel[2, :1, 10] = -1.0   # 1 frame: not enough
+  mel[3, :, 3] = -4.5     # quiet everywhere: below the speech level
+  np.testing.assert_array_equal(speak_labels.voiced_chunks(mel),
+                                [False, True, False, False, False])
+
+
+def test_summary_by_condition(rng):
+  n = 200
+  cond = rng.integers(0, len(probe.CONDITIONS), n)
+  truth = rng.random(n) < 0.4
+  p = np.where(truth, 0.9, 0.1)
+  p[cond == 2] = 1 - p[cond == 2]  # always wrong on pauses
+  out = probe.summarize(p, truth, cond)
+  assert out["pause"]["accuracy"] == 0.0
+  assert out["user_speaking"]["accuracy"] == 1.0
+  assert out["all"]["chunks"] == n
+  md = probe.table_md({"teacher-forced": out})
+  assert "| pause | silent |" in md
