@@ -73,7 +73,10 @@ def _layout(**overrides) -> mlc.ConfigDict:
 def _model(**overrides) -> mlc.ConfigDict:
   c = mlc.ConfigDict()
   c.d_model = 192
-  c.num_layers = 4
+  # 2 blocks, not 4: the blocks are ~all of the tiny step's time (benchmarks/step_profile.py),
+  # and at equal steps 2 blocks matched 4 on every loss and on the speak probe
+  # (benchmarks/RESULTS.md), so the 20-minute budget buys twice the steps.
+  c.num_layers = 2
   c.num_heads = 4
   c.num_kv_heads = 2
   c.head_dim = 48
@@ -117,15 +120,18 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   config.sharding_rules = SHARDING_RULES
 
   config.train = mlc.ConfigDict(dict(
-      batch_size=6, num_steps=240, lr=3e-3, warmup_steps=20, min_lr_ratio=0.1,
+      batch_size=6, num_steps=720, lr=3e-3, warmup_steps=20, min_lr_ratio=0.1,
       weight_decay=0.05, clip_norm=1.0, b2=0.98,
-      log_every=10, eval_every=60, eval_batches=4, checkpoint_every=60, keep_checkpoints=3,
+      log_every=10, eval_every=90, eval_batches=4, checkpoint_every=90, keep_checkpoints=3,
       time_budget_s=20 * 60.0,
+      # Speak-gate targets also say "speak" from 0.2 s after a user's turn ends to the reply
+      # (tml_jax.data.speak_labels.reply_windows): the corpus' random reply delay is a rule.
+      speak_reply_window=True,
       loss_weights=mlc.ConfigDict(dict(text=1.0, audio=1.0, balance=0.01, z=1e-3,
                                        background=1.0, speak=1.0,
                                        # onsets/offsets of the model's speech in the gate
                                        # loss (tml_jax.train.losses.speak_terms)
-                                       speak_transition=10.0)),
+                                       speak_transition=3.0)),
   ))
   config.data = mlc.ConfigDict(dict(
       dir="", num_train=300, num_validation=24, num_test=40, conversation_s=24.0, seed=0,
@@ -139,7 +145,9 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   ))
   config.serve = mlc.ConfigDict(dict(
       temperature=0.0, griffin_lim_iters=4, seed=0,
-      speak_threshold=0.5,  # P(speak) below it: the micro-turn is silent (speak gate only)
+      # P(speak) below it: the micro-turn is silent (speak gate only). "auto": the threshold
+      # the trainer calibrated on validation (W/speak_threshold.json), else 0.5.
+      speak_threshold="auto",
   ))
 
   if variant == "tiny":

@@ -59,3 +59,35 @@ def test_summary_by_condition(rng):
   assert out["all"]["chunks"] == n
   md = probe.table_md({"teacher-forced": out})
   assert "| pause | silent |" in md
+
+
+def test_calibrated_threshold_bounds_false_onsets(rng):
+  """The threshold lets at most 1 % of the should-stay-silent chunks start speech, and
+  recalls the onsets a separable gate scores above them; chunks where the model already
+  speaks do not count."""
+  n = 4000
+  now = rng.random(n) < 0.4
+  truth = np.where(now, rng.random(n) < 0.9, rng.random(n) < 0.08)
+  p = np.where(~now & truth, rng.uniform(0.3, 1.0, n), rng.uniform(0.0, 0.35, n))
+  p[now] = rng.uniform(0.9, 1.0, now.sum())  # would wreck the quantile if it were counted
+  c = probe.calibrate_threshold(p, truth, now, np.ones(n, bool))
+  stay = ~now & ~truth
+  assert (p[stay] >= c["threshold"]).mean() <= 0.0101
+  assert c["false_onset_rate"] <= 0.0101 and c["onset_recall"] > 0.8
+  assert 0.3 < c["threshold"] < 0.36
+
+
+def test_reply_window_marks_the_gap_before_a_reply(rng):
+  """With a reply `lat` s after the turn end, the chunks whose next chunk starts between
+  0.2 s after the end and the reply's start say "speak"; nothing else does."""
+  c = 0.2
+  end = 2.0 + float(rng.integers(0, 10)) * c
+  lat = float(rng.choice([0.4, 0.6]))
+  events = [dict(kind="user_turn", start_s=0.5, end_s=end),
+            dict(kind="model_turn", start_s=end + lat, end_s=end + lat + 2.0,
+                 data=dict(latency_s=lat))]
+  w = speak_labels.reply_windows(_record([], events), 40, c)
+  nxt = (np.arange(40) + 1) * c
+  expect = (nxt >= end + 0.2 - 1e-9) & (nxt < end + lat)
+  np.testing.assert_array_equal(w, expect)
+  assert w.sum() == round((lat - 0.2) / c)

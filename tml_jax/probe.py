@@ -31,9 +31,9 @@ __all__ = ["CONDITIONS", "chunk_conditions", "voiced_chunks", "summarize", "tabl
 EXPECTED = {"user_speaking": "silent", "pause": "silent", "after_turn_end": "speak",
             "barge_in": "stop", "user_backchannel": "speak"}
 
-def summarize(p_N, truth_N, cond_N, valid_N=None) -> dict:
-  """Per condition: chunks, truth rate, mean P(speak), accuracy of P >= 0.5, and the mean
-  P(speak) on chunks whose truth is speech / silence."""
+def summarize(p_N, truth_N, cond_N, valid_N=None, threshold: float = 0.5) -> dict:
+  """Per condition: chunks, truth rate, mean P(speak), accuracy of P >= threshold, and the
+  mean P(speak) on chunks whose truth is speech / silence."""
   p, y = np.asarray(p_N, np.float64).ravel(), np.asarray(truth_N, bool).ravel()
   c = np.asarray(cond_N).ravel()
   v = np.ones_like(y) if valid_N is None else np.asarray(valid_N, bool).ravel()
@@ -45,12 +45,13 @@ def summarize(p_N, truth_N, cond_N, valid_N=None) -> dict:
     pm, ym = p[m], y[m]
     out[name] = dict(
         chunks=int(m.sum()), truth_speak=float(ym.mean()), p_speak=float(pm.mean()),
-        accuracy=float(((pm >= 0.5) == ym).mean()),
+        accuracy=float(((pm >= threshold) == ym).mean()),
         p_when_speech=float(pm[ym].mean()) if ym.any() else None,
         p_when_silent=float(pm[~ym].mean()) if (~ym).any() else None)
   m = v.astype(bool)
   out["all"] = dict(chunks=int(m.sum()), truth_speak=float(y[m].mean()),
-                    p_speak=float(p[m].mean()), accuracy=float(((p[m] >= 0.5) == y[m]).mean()))
+                    p_speak=float(p[m].mean()),
+                    accuracy=float(((p[m] >= threshold) == y[m]).mean()))
   return out
 
 
@@ -63,6 +64,8 @@ def table_md(probes: dict[str, dict]) -> str:
   lines = [head, "|" + "---|" * (4 + 2 * len(groups))]
   for name in (*CONDITIONS[1:], "other", "all"):
     ref = next((probes[g][name] for g in groups if name in probes[g]), None)
+    if ref is not None and "chunks" not in ref:
+      continue
     if ref is None:
       continue
     cells = [name, EXPECTED.get(name, ""), str(ref["chunks"]), f"{ref['truth_speak']:.2f}"]
@@ -107,13 +110,47 @@ def plot_probe(probes: dict[str, dict], path: str, history: list[dict] | None = 
   return path
 
 
-def teacher_forced(speak_logits_BC, batch) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                     np.ndarray]:
-  """(p, truth, condition, valid) flattened from a forward pass over a batch."""
+def teacher_forced(speak_logits_BC, batch) -> tuple[np.ndarray, ...]:
+  """(p, truth, condition, valid, now) flattened from a forward pass over a batch; `now`:
+  does the model channel hold speech in chunk t itself."""
   logits = np.asarray(speak_logits_BC, np.float64)
   p = 1.0 / (1.0 + np.exp(-logits))
   return (p.ravel(), np.asarray(batch["speak_target"]).ravel(),
-          np.asarray(batch["speak_condition"]).ravel(), np.asarray(batch["audio_mask"]).ravel())
+          np.asarray(batch["speak_condition"]).ravel(), np.asarray(batch["audio_mask"]).ravel(),
+          np.asarray(batch["speak_now"]).ravel())
+
+
+def calibrate_threshold(p_N, truth_N, now_N, valid_N, cond_N=None, *,
+                        max_false_onsets: float = 0.01, lo: float = 0.05,
+                        hi: float = 0.95) -> dict:
+  """The speak threshold for serving, from teacher-forced validation chunks where the model
+  is silent: the lowest threshold at which at most `max_false_onsets` of the chunks where
+  it should stay silent would start speech. Chunks 0-1 s after a user's turn ended do not
+  count as such (`cond_N`): starting there is a reply, at worst an early one, and the corpus'
+  own start time within that window is random.
+
+  Why not 0.5: the corpus starts a reply 0.2-0.6 s after the turn end, so even a calibrated
+  model gives each of those chunks only a share of the onset (a hazard of ~1/3, 1/2, 1),
+  and a 0.5 threshold answers late or never. Why bound the false onsets: one false start
+  in a pause is a taken turn (a model that hears itself speaking keeps speaking).
+  Returns dict(threshold, onset_recall, false_onset_rate, onsets, silent_chunks).
+  """
+  p, y = np.asarray(p_N, np.float64), np.asarray(truth_N, bool)
+  now, v = np.asarray(now_N, bool), np.asarray(valid_N, bool)
+  stay = v & ~now & ~y
+  if cond_N is not None:
+    stay &= np.asarray(cond_N) != CONDITIONS.index("after_turn_end")
+  onset = v & ~now & y
+  if not stay.any() or not onset.any():
+    return dict(threshold=0.5, onset_recall=None, false_onset_rate=None,
+                onsets=int(onset.sum()), silent_chunks=int(stay.sum()))
+  # Just above the (n-k)-th smallest negative: at most k = floor(share * n) reach it.
+  neg = np.sort(p[stay])
+  k = int(np.floor(max_false_onsets * neg.size))
+  thr = float(np.clip(np.nextafter(neg[neg.size - k - 1], np.inf), lo, hi))
+  return dict(threshold=thr, onset_recall=float((p[onset] >= thr).mean()),
+              false_onset_rate=float((p[stay] >= thr).mean()), onsets=int(onset.sum()),
+              silent_chunks=int(stay.sum()))
 
 
 def free_running(engine, records, *, chunk_s: float, max_s: float | None = None) -> dict:
@@ -135,7 +172,8 @@ def free_running(engine, records, *, chunk_s: float, max_s: float | None = None)
     ps.append([r.p_speak for r in res["records"]][:total - 1])
     ys.append(truth[:total - 1])
     cs.append(chunk_conditions(record, total, chunk_s)[:total - 1])
-  return summarize(np.concatenate(ps), np.concatenate(ys), np.concatenate(cs))
+  return summarize(np.concatenate(ps), np.concatenate(ys), np.concatenate(cs),
+                   threshold=engine.speak_threshold)
 
 
 def teacher_forced_probe(model, batches) -> dict:
@@ -152,11 +190,20 @@ def teacher_forced_probe(model, batches) -> dict:
            for b in batches]
   if not parts:
     raise ValueError("no validation batches for the speak-decision probe")
-  return summarize(*(np.concatenate([p[i] for p in parts]) for i in range(4)))
+  return summarize_parts(parts)
+
+
+def summarize_parts(parts: list[tuple]) -> dict:
+  """`summarize` over the `teacher_forced` tuples of several batches, plus "calibration"
+  (`calibrate_threshold`)."""
+  p, truth, cond, valid, now = (np.concatenate([part[i] for part in parts]) for i in range(5))
+  calibration = calibrate_threshold(p, truth, now, valid, cond)
+  return dict(summarize(p, truth, cond, valid, calibration["threshold"]),
+              calibration=calibration)
 
 
 def free_running_on_validation(config, params, data_dir: str, *, num: int = 4,
-                               max_s: float = 12.0) -> dict:
+                               max_s: float = 12.0, speak_threshold: float = 0.5) -> dict:
   """`free_running` over the first `num` validation conversations of the corpus in
   `data_dir`, with a streaming engine built from `params` (a pure dict of the run's
   parameters) under the serving form of `config`."""
@@ -166,7 +213,8 @@ def free_running_on_validation(config, params, data_dir: str, *, num: int = 4,
   from tml_jax.train.state import model_from_params, params_abstract
   config = serving_config(config)
   graphdef, abstract = params_abstract(config)
-  engine = Engine(model_from_params(graphdef, abstract, params), config)
+  engine = Engine(model_from_params(graphdef, abstract, params), config,
+                  speak_threshold=speak_threshold)
   source = tml_duplex.load_split(data_dir, "validation", config.data)
   records = [source[i] for i in range(min(num, len(source)))]
   return free_running(engine, records, chunk_s=config.layout.chunk_ms / 1000, max_s=max_s)
@@ -203,11 +251,13 @@ def main(argv=None):
       args.batches)])}
   if args.free_running:
     probes["free-running"] = free_running_on_validation(
-        config, params, data_dir, num=args.free_running, max_s=args.max_s)
+        config, params, data_dir, num=args.free_running, max_s=args.max_s,
+        speak_threshold=probes["teacher-forced"]["calibration"]["threshold"])
   with open(os.path.join(args.workdir, "speak_probe.json"), "w") as f:
     json.dump(dict(step=step, probes=probes), f, indent=1)
   plot_probe(probes, os.path.join(args.workdir, "speak_probe.png"))
-  print(f"step {step}\n" + table_md(probes))
+  print(f"step {step}; calibrated threshold {probes['teacher-forced']['calibration']}\n"
+        + table_md(probes))
 
 
 if __name__ == "__main__":

@@ -38,10 +38,12 @@ class MicroTurnExample(grain.transforms.RandomMap):
 
   def __init__(self, layout: ChunkLayout, num_chunks: int, *, chunk_ms: int = 200,
                video_size=(80, 80), patch: int = 40, random_crop: bool = True,
-               bg_delegations: int = 0, bg_len: int = 96):
+               bg_delegations: int = 0, bg_len: int = 96, reply_window_targets: bool = False):
     self.layout, self.num_chunks, self.chunk_s = layout, num_chunks, chunk_ms / 1000
     # Background-model targets (tml_jax.data.background_targets): up to `bg_delegations` per crop.
     self.bg_delegations, self.bg_len = bg_delegations, bg_len
+    # Speak-gate targets: also "speak" from 0.2 s after a user's turn to the reply's start.
+    self.reply_window_targets = reply_window_targets
     self.video_size, self.patch, self.random_crop = tuple(video_size), patch, random_crop
     self.frames = layout.user_audio
 
@@ -89,6 +91,8 @@ class MicroTurnExample(grain.transforms.RandomMap):
     # The speak gate's target: does the model's own channel hold speech in chunk t+1?
     voiced = speak_labels.voiced_chunks(mel)
     out["speak_target"] = np.concatenate([voiced[1:], [False]])
+    if self.reply_window_targets:
+      out["speak_target"] |= speak_labels.reply_windows(record, total, self.chunk_s)
     out["speak_now"] = voiced  # what the model is doing in chunk t (onsets: now 0, target 1)
     out["speak_condition"] = speak_labels.chunk_conditions(record, total, self.chunk_s)
 
@@ -176,7 +180,9 @@ def make_loader(source, config, *, split: str, seed: int, batch_size: int | None
                           video_size=config.layout.video_size, patch=config.model.patch_size,
                           random_crop=random_crop,
                           bg_delegations=_bg_delegations(config),
-                          bg_len=config.get("background", {}).get("max_len", 96)),
+                          bg_len=config.get("background", {}).get("max_len", 96),
+                          reply_window_targets=bool(
+                              config.train.get("speak_reply_window", False))),
          grain.transforms.Batch(batch_size // jax.process_count(), drop_remainder=True)]
   return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
                           worker_count=worker_count)

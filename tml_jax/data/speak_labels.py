@@ -53,3 +53,26 @@ def chunk_conditions(record, total: int, chunk_s: float) -> np.ndarray:
     elif e["kind"] == "user_backchannel":
       mark("user_backchannel", s, t + BACKCHANNEL_TAIL_S)
   return cond
+
+
+REPLY_OPEN_S = 0.2  # the corpus' replies start 0.2-0.6 s after the user's turn ends
+
+
+def reply_windows(record, total: int, chunk_s: float) -> np.ndarray:
+  """bool [total]: chunks t whose next chunk lies between REPLY_OPEN_S after a user's turn
+  ended and the start of the model's reply to it.
+
+  The corpus draws each reply's start uniformly 0.2-0.6 s after the turn end, so "speech
+  in chunk t+1" is a coin flip on those chunks, the same user audio giving either label: the
+  gate sees a hazard, not a rule, and learns a low probability everywhere. Marking the whole
+  window as "speak" turns it into a rule: start once the user has been quiet for 0.2 s.
+  """
+  out = np.zeros(total, bool)
+  nxt = (np.arange(total) + 1) * chunk_s  # start of chunk t+1
+  for e in json.loads(_text(record["events_json"])):
+    lat = (e.get("data") or {}).get("latency_s", e.get("latency_s"))
+    if e["kind"] != "model_turn" or lat is None:
+      continue
+    start = float(e["start_s"])
+    out |= (nxt >= start - float(lat) + REPLY_OPEN_S - 1e-9) & (nxt < start)
+  return out

@@ -150,7 +150,7 @@ class Engine:
 
   def __init__(self, model, config, *, temperature: float | None = None,
                griffin_lim_iters: int | None = None, tools: dict | None = None,
-               generate=None, warmup: bool = True):
+               generate=None, warmup: bool = True, speak_threshold: float | None = None):
     serve = config.get("serve", {})
     self.config = config
     self.lay = ChunkLayout.from_config(config.layout)
@@ -160,8 +160,12 @@ class Engine:
     self.gl_iters = serve.get("griffin_lim_iters", 4) if griffin_lim_iters is None else \
         griffin_lim_iters
     self.seed = serve.get("seed", 0)
+    if speak_threshold is None:
+      speak_threshold = serve.get("speak_threshold", "auto")
+      speak_threshold = 0.5 if speak_threshold == "auto" else float(speak_threshold)
+    self.speak_threshold = speak_threshold
     self.stream = StreamingModel(model, flow_steps=config.model.flow_steps,
-                                 speak_threshold=serve.get("speak_threshold", 0.5))
+                                 speak_threshold=speak_threshold)
     bg = getattr(model, "background", None)
     self.generate = generate or (ModelGenerator(bg, model.cfg.window) if bg is not None
                                  else None)
@@ -216,6 +220,8 @@ class Engine:
     config = serving_config(load_config(workdir, config))
     graphdef, abstract = params_abstract(config)
     params, step = restore_params(workdir, nnx.to_pure_dict(abstract))
+    if config.get("serve", {}).get("speak_threshold", "auto") == "auto":
+      kw.setdefault("speak_threshold", calibrated_threshold(workdir))
     engine = cls(model_from_params(graphdef, abstract, params), config, **kw)
     engine.step = step
     return engine
@@ -343,6 +349,16 @@ def _blas_threads(n: int):
     import contextlib
     return contextlib.nullcontext()
   return threadpool_limits(limits=n, user_api="blas")
+
+
+def calibrated_threshold(workdir: str) -> float:
+  """The speak threshold the trainer calibrated on validation (W/speak_threshold.json), or
+  0.5 when the run has none (no speak gate, or no final report yet)."""
+  path = os.path.join(workdir, "speak_threshold.json")
+  if not os.path.exists(path):
+    return 0.5
+  with open(path) as f:
+    return float(json.load(f)["threshold"])
 
 
 def load_config(workdir: str | None, config=None):

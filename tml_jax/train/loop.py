@@ -194,16 +194,28 @@ def speak_probe(setup: Setup, state, make_val, num_batches: int) -> dict | None:
       b = next(it)
       out = logits(state["params"], shd.to_global(b, setup.batch_sharding))
       parts.append(probe_lib.teacher_forced(np.asarray(out), b))
-  return probe_lib.summarize(*(np.concatenate([p[i] for p in parts]) for i in range(4)))
+  return probe_lib.summarize_parts(parts)
 
 
-def free_running_probe(setup: Setup, state, data_dir: str, num: int) -> dict | None:
+def free_running_probe(setup: Setup, state, data_dir: str, num: int,
+                       speak_threshold: float) -> dict | None:
   """The probe with the model hearing its own voice (validation conversations through the
   streaming engine); None without a speak gate or across processes."""
   if not setup.cfg.speak_gate or jax.process_count() > 1 or num <= 0:
     return None
   params = jax.device_get(state["params"])
-  return probe_lib.free_running_on_validation(setup.config, params, data_dir, num=num)
+  return probe_lib.free_running_on_validation(setup.config, params, data_dir, num=num,
+                                              speak_threshold=speak_threshold)
+
+
+def write_speak_threshold(workdir: str, step: int, calibration: dict):
+  """W/speak_threshold.json: the threshold the engine serves with when the config says
+  serve.speak_threshold="auto" (tml_jax.probe.calibrate_threshold)."""
+  with open(os.path.join(workdir, "speak_threshold.json"), "w") as f:
+    json.dump(dict(calibration, step=step), f, indent=1)
+  print(f"speak threshold calibrated on validation: {calibration['threshold']:.3f} (onset "
+        f"recall {calibration['onset_recall']}, false onsets {calibration['false_onset_rate']})",
+        flush=True)
 
 
 def write_final_report(setup: Setup, state, make_val, workdir: str) -> dict:
@@ -219,10 +231,12 @@ def write_final_report(setup: Setup, state, make_val, workdir: str) -> dict:
   tf = speak_probe(setup, state, make_val, tc.eval_batches)
   if tf is not None:
     probes["teacher-forced"] = tf
+    write_speak_threshold(workdir, int(state["step"]), tf["calibration"])
     print("speak-decision probe: running the engine free on validation conversations ...",
           flush=True)
     fr = free_running_probe(setup, state, corpus_dir(setup.config, workdir),
-                            num=int(tc.get("probe_free_running_conversations", 4)))
+                            num=int(tc.get("probe_free_running_conversations", 4)),
+                            speak_threshold=tf["calibration"]["threshold"])
     if fr is not None:
       probes["free-running"] = fr
   return report_lib.write_report(
@@ -302,6 +316,10 @@ def log_validation(run: Run):
   val = evaluate(run.setup, run.state, run.make_val, run.setup.config.train.eval_batches)
   probe = speak_probe(run.setup, run.state, run.make_val, run.setup.config.train.eval_batches)
   for name, r in (probe or {}).items():
+    if name == "calibration":
+      val["probe_threshold"] = r["threshold"]
+      val["probe_onset_recall"] = r["onset_recall"] if r["onset_recall"] is not None else -1.0
+      continue
     val[f"probe_{name}"] = r["p_speak"]
     val[f"probe_{name}_acc"] = r["accuracy"]
   run.log.write(run.step, {f"val_{k}": v for k, v in val.items()})

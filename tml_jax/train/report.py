@@ -72,8 +72,18 @@ def probe_markdown(probes: dict, png: str | None) -> list[str]:
           "P(the model speaks in chunk t+1) by condition on validation conversations, against "
           "the truth (does the model channel hold speech then). Teacher-forced: the model "
           "hears the corpus' audio as its own; free-running: it hears what it generated.", "",
-          probe_lib.table_md(probes), "", f"![probe]({os.path.basename(png)})" if png else "",
-          ""]
+          probe_lib.table_md(probes), "", *calibration_lines(probes),
+          f"![probe]({os.path.basename(png)})" if png else "", ""]
+
+
+def calibration_lines(probes: dict) -> list[str]:
+  c = probes.get("teacher-forced", {}).get("calibration")
+  if not c or c.get("onset_recall") is None:
+    return []
+  return [f"Serving threshold calibrated on these chunks (W/speak_threshold.json): "
+          f"{c['threshold']:.3f}, where {c['false_onset_rate']:.1%} of the {c['silent_chunks']} "
+          f"chunks in which the model should stay silent would start speech, and "
+          f"{c['onset_recall']:.1%} of the {c['onsets']} true onsets do.", ""]
 
 
 def probe_history(rows: list[dict]) -> list[dict]:
