@@ -1,14 +1,16 @@
 r"""Interaction model configs: `get_config("VARIANT[,MODIFIER...]")`.
 
 Variants
-  tiny       CPU, 14.4 M parameters (8 experts, top-2; 5.6 M active), 20 minutes on 2 cores.
+  tiny       CPU, 8.3 M parameters (2 blocks, 8 experts, top-2; 3.9 M active), 20 minutes on
+             2 cores.
              python -m tml_jax.main --config=configs/interaction.py:tiny --workdir=runs/tiny
-             # expected (2 idle cores, jax 0.11.2): ~0.2 steps/s, the 20-minute budget stops
-             # at ~237 of 240 steps; validation text cross-entropy ~1.15 nats (unigram
-             # baseline 2.28), teacher-forced byte accuracy ~0.43, sampled mel L1 ~0.55
-             # log10 (silence / per-channel median baseline 1.53), flow loss 1.44 -> ~0.19.
-             # Behaviour (runs/tiny/eval/report.md) is far from the issue's goals at this
-             # budget: turn-taking TOR ~0.5 with ~3.4 s latency, pause-handling TOR ~0.13.
+             # expected (2 idle cores, jax 0.11.2): ~0.65 steps/s, all 720 steps in ~19 min;
+             # validation text cross-entropy ~0.77 nats (unigram baseline 2.28), byte
+             # accuracy ~0.65, sampled mel L1 ~0.38 log10 (median/silence baseline 1.53),
+             # flow loss 1.48 -> ~0.12. Speak probe (W/report.md): teacher-forced P(speak)
+             # ~0.12 while the user speaks, ~0.8 after the turn end, but ~0.7 in pauses, so
+             # the calibrated threshold (~0.9) keeps the voice silent: voice-scored TOR 0 on
+             # turn-taking, pauses and backchannels alike (runs/tiny/eval/report.md).
              python -m tml_jax.params --config=configs/interaction.py:tiny
              python -m tml_jax.demo --config=configs/interaction.py:tiny --out=out/demo
   small      one GPU, 1.95 B total / 0.59 B active parameters.

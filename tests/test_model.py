@@ -212,7 +212,7 @@ def test_param_counts():
   total, active = count_params(ModelConfig.from_config(get_config("tml_small")))
   assert abs(total / 276e9 - 1) < 0.02 and abs(active / 12e9 - 1) < 0.05, (total, active)
   total, active = count_params(ModelConfig.from_config(get_config("tiny")))
-  assert 10e6 <= total <= 30e6 and active < total
+  assert 5e6 <= total <= 30e6 and active < total  # CPU-sized: a few million parameters
   dense_total, dense_active = count_params(ModelConfig.from_config(get_config("tiny,dense")))
   assert dense_total == dense_active
 

@@ -38,7 +38,8 @@ from tml_jax.eval.systems import (BaselineSystem, ModelSystem, ModelUnavailable,
 
 def main(argv):
   del argv
-  from absl import app
+  from absl import app, logging
+  logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
   if not _DATA.value or not _OUT.value:
     raise app.UsageError("pass --data=DIR (a Full-Duplex-Bench layout) and --out=REPORT")
   names = [n.strip() for n in _SYSTEMS.value.split(",") if n.strip()]

@@ -12,6 +12,7 @@ r"""The project's main job, end to end on the tiny config:
 """
 
 import os
+import subprocess
 import sys
 
 from absl import app, flags, logging
@@ -39,15 +40,14 @@ def main(argv):
     counts = export_fdb.export(fdb, "test", config.data, per_task=_PER_TASK.value)
     with open(os.path.join(fdb, ".complete"), "w") as f:
       f.write(repr(counts))
-  from tml_jax import evaluate
-  from tml_jax.eval import report
   out = os.path.join(workdir, "eval")
-  scored = evaluate.evaluate(fdb, out, workdir=workdir, config=config)
-  # Voice-scored columns (the ASR of each output.wav), the model's text stream beside them.
-  report.print_table(os.path.join(out, "report.json"))
-  print(f"evaluation: {scored['wall_s']} s; report in {out}/report.md", flush=True)
-  if "model" in scored["unavailable"]:  # a run that trained a model must score it
-    sys.exit(f"error: the trained model could not be scored: {scored['unavailable']['model']}")
+  # Its own process: the Silero VAD's ONNX runtime aborts ("free(): invalid pointer") in a
+  # process that has loaded TensorFlow, which training does (clu's metric writers).
+  cmd = [sys.executable, "-m", "tml_jax.evaluate", f"--workdir={workdir}", f"--data={fdb}",
+         f"--out={out}"]
+  rc = subprocess.run(cmd).returncode  # prints the voice-scored table, monologue beside
+  if rc:
+    sys.exit(f"error: the evaluation failed (exit {rc}): {' '.join(cmd)}")
 
 
 if __name__ == "__main__":
