@@ -34,10 +34,9 @@ def test_code_and_docs_cite_only_what_users_have():
   paths = [*_sources(), os.path.join(ROOT, "README.md"),
            *(os.path.join(ROOT, "docs", f) for f in os.listdir(os.path.join(ROOT, "docs")))]
   for p in paths:
-    if os.path.basename(p) == "test_repo.py":
-      continue
     text = open(p).read()
-    for needle in ("DESIGN §", "DESIGN.md", "STYLE.md", "../shared"):
+    # Spelled in pieces so that this file does not match its own search.
+    for needle in ("DESIGN" + " §", "DESIGN" + ".md", "STYLE" + ".md", ".." + "/shared"):
       if needle in text:
         bad.append((os.path.relpath(p, ROOT), needle))
   assert not bad, bad

@@ -242,8 +242,7 @@ def main(argv=None):
   graphdef, abstract = params_abstract(config)
   params, step = restore_params(args.workdir, nnx.to_pure_dict(abstract))
   model = model_from_params(graphdef, abstract, params)
-  data_dir = config.data.dir or os.path.join(os.path.dirname(os.path.abspath(args.workdir)),
-                                             "data")
+  data_dir = tml_duplex.default_dir(config.data, args.workdir)
   val = tml_duplex.load_split(data_dir, "validation", config.data)
   it = iter(pipeline.make_loader(val, config, split="validation", seed=0, shuffle=False,
                                  random_crop=False))

@@ -187,6 +187,11 @@ def dataset_dir(data_dir: str, data_cfg=None) -> str:
   return path
 
 
+def default_dir(data_cfg, workdir: str) -> str:
+  """data_cfg.dir, or data/ beside a run's workdir (where the main job builds the corpus)."""
+  return data_cfg.dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), "data")
+
+
 def load_split(data_dir: str, split: str, data_cfg=None):
   """Random-access source of one split (a `tfds.data_source`, for grain): len() and [i]."""
   builder = tfds.builder_from_directory(dataset_dir(data_dir, data_cfg))

@@ -78,16 +78,11 @@ def describe(setup: Setup):
         f"{jax.process_count()} process(es)", flush=True)
 
 
-def corpus_dir(config, workdir: str) -> str:
-  """config.data.dir, or data/ beside the workdir."""
-  return config.data.dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), "data")
-
-
 def data_loaders(config, workdir: str):
   """(train loader, make_val() -> a fresh validation loader, data dir); builds the corpus
   in `config.data.dir` (default: data/ beside the workdir) on first use."""
   from tml_jax.data import pipeline, tml_duplex
-  data_dir = corpus_dir(config, workdir)
+  data_dir = tml_duplex.default_dir(config.data, workdir)
   try:
     tml_duplex.dataset_dir(data_dir, config.data)
   except FileNotFoundError:
@@ -234,7 +229,8 @@ def write_final_report(setup: Setup, state, make_val, workdir: str) -> dict:
     write_speak_threshold(workdir, int(state["step"]), tf["calibration"])
     print("speak-decision probe: running the engine free on validation conversations ...",
           flush=True)
-    fr = free_running_probe(setup, state, corpus_dir(setup.config, workdir),
+    from tml_jax.data import tml_duplex
+    fr = free_running_probe(setup, state, tml_duplex.default_dir(setup.config.data, workdir),
                             num=int(tc.get("probe_free_running_conversations", 4)),
                             speak_threshold=tf["calibration"]["threshold"])
     if fr is not None:
