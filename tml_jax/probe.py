@@ -176,18 +176,10 @@ def free_running(engine, records, *, chunk_s: float, max_s: float | None = None)
                    threshold=engine.speak_threshold)
 
 
-def teacher_forced_probe(model, batches) -> dict:
+def teacher_forced_probe(speak_logits_fn, batches) -> dict:
   """The probe over validation batches, every chunk teacher-forced (the model hears the
-  corpus' own audio as SELF_AUDIO). `model` must have a speak gate."""
-  import jax
-  from flax import nnx
-  if not model.cfg.speak_gate:
-    raise ValueError("the speak-decision probe reads the speak gate; this model has none "
-                     "(model.speak_gate=False). Fix: train with --config.model.speak_gate=True.")
-  graphdef, state = nnx.split(model)
-  logits_fn = jax.jit(lambda s, b: nnx.merge(graphdef, s)(b).speak_logits)
-  parts = [teacher_forced(logits_fn(state, {k: v for k, v in b.items() if k != "_bg"}), b)
-           for b in batches]
+  corpus' own audio as SELF_AUDIO). speak_logits_fn(batch) -> the gate's [B, C] logits."""
+  parts = [teacher_forced(np.asarray(speak_logits_fn(b)), b) for b in batches]
   if not parts:
     raise ValueError("no validation batches for the speak-decision probe")
   return summarize_parts(parts)
@@ -242,12 +234,18 @@ def main(argv=None):
   graphdef, abstract = params_abstract(config)
   params, step = restore_params(args.workdir, nnx.to_pure_dict(abstract))
   model = model_from_params(graphdef, abstract, params)
+  if not model.cfg.speak_gate:
+    raise ValueError("the speak-decision probe reads the speak gate; this run has none "
+                     "(model.speak_gate=False). Fix: train with --config.model.speak_gate=True.")
+  import jax
+  graphdef, state = nnx.split(model)
+  logits_fn = jax.jit(lambda s, b: nnx.merge(graphdef, s)(b).speak_logits)
   data_dir = tml_duplex.default_dir(config.data, args.workdir)
   val = tml_duplex.load_split(data_dir, "validation", config.data)
   it = iter(pipeline.make_loader(val, config, split="validation", seed=0, shuffle=False,
                                  random_crop=False))
-  probes = {"teacher-forced": teacher_forced_probe(model, [next(it) for _ in range(
-      args.batches)])}
+  probes = {"teacher-forced": teacher_forced_probe(
+      lambda b: logits_fn(state, b), [next(it) for _ in range(args.batches)])}
   if args.free_running:
     probes["free-running"] = free_running_on_validation(
         config, params, data_dir, num=args.free_running, max_s=args.max_s,

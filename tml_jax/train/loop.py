@@ -15,6 +15,7 @@ launch/README.md), or on a TPU pod slice, `jax.distributed` is initialised first
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -183,13 +184,10 @@ def speak_probe(setup: Setup, state, make_val, num_batches: int) -> dict | None:
   if not setup.cfg.speak_gate or jax.process_count() > 1:
     return None
   logits = jax.jit(lambda params, b: setup.model(params)(b).speak_logits)
-  it, parts = iter(make_val()), []
   with jax.set_mesh(setup.mesh):
-    for _ in range(num_batches):
-      b = next(it)
-      out = logits(state["params"], shd.to_global(b, setup.batch_sharding))
-      parts.append(probe_lib.teacher_forced(np.asarray(out), b))
-  return probe_lib.summarize_parts(parts)
+    return probe_lib.teacher_forced_probe(
+        lambda b: logits(state["params"], shd.to_global(b, setup.batch_sharding)),
+        itertools.islice(make_val(), num_batches))
 
 
 def free_running_probe(setup: Setup, state, data_dir: str, num: int,
