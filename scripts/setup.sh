@@ -27,6 +27,14 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
 fi
 # Idempotent: a no-op apart from the resolver check when everything is installed.
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]" 2>&1 \
-  | grep -v -e "is ignored: it is neither" -e "^$" || true
+# pip's log is filtered for one harmless notice, but its exit status is kept: a failed
+# install stops the set-up here, with pip's whole message.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+if ! .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]" >"$log" 2>&1; then
+  cat "$log" >&2
+  echo "setup.sh: pip install failed (its output is above); fix the cause and rerun" >&2
+  exit 1
+fi
+grep -v -e "is ignored: it is neither" -e "^$" "$log" || true
 .venv/bin/python -c 'import jax, flax, tml_jax; print(f"setup.sh: jax {jax.__version__}, flax {flax.__version__}, {jax.devices()[0].platform}")'
