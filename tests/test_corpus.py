@@ -5,6 +5,7 @@ import functools
 import json
 import multiprocessing
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -372,3 +373,47 @@ def test_augmentation_hits_the_sampled_snr_and_echo(noise):
   assert snr == pytest.approx(12.0, abs=0.5)
   lag = np.argmax(np.correlate(echo[SR:2 * SR], model[SR - 3200:2 * SR], "valid"))
   assert abs((3200 - lag) / SR - 0.1) < 2e-3
+
+
+def test_export_fdb_writes_only_where_it_owns_everything(tmp_path):
+  """Never delete what it did not write: a foreign folder is refused and left byte-identical;
+  an earlier export of its own is replaced; the cache is keyed by every setting."""
+  import ml_collections as mlc
+  from tml_jax.data import export_fdb
+
+  def snapshot(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+  cfg = mlc.ConfigDict(dict(num_test=1, conversation_s=DUR, seed=0))
+  # A user's benchmark data (and nothing of ours) is refused before anything is written.
+  user = tmp_path / "fdb_data"
+  (user / "v1.5" / "user_interruption" / "0").mkdir(parents=True)
+  (user / "v1.5" / "user_interruption" / "0" / "input.wav").write_bytes(b"real benchmark")
+  before = snapshot(user)
+  with pytest.raises(FileExistsError, match="did not write"):
+    export_fdb.export(str(user), "test", cfg, per_task=1)
+  assert snapshot(user) == before and not (user / export_fdb.MANIFEST).exists()
+
+  out = tmp_path / "export"
+  counts = export_fdb.ensure_export(str(out), "test", cfg, per_task=1, log=lambda m: None)
+  manifest = json.loads((out / export_fdb.MANIFEST).read_text())
+  assert manifest["complete"] and manifest["counts"] == counts
+  assert set(manifest["files"]) == {str(p) for p in snapshot(out) if str(p) !=
+                                    export_fdb.MANIFEST}
+  # Same settings: reused as is. A model's output.wav beside an input is someone else's.
+  first = snapshot(out)
+  assert export_fdb.ensure_export(str(out), "test", cfg, per_task=1, log=None) == counts
+  assert snapshot(out) == first
+  (out / "turn_taking" / "0" / "output.wav").write_bytes(b"a model's answer")
+  with pytest.raises(FileExistsError, match="output.wav"):
+    export_fdb.export(str(out), "test", cfg, per_task=1)
+  assert snapshot(out) == {**first, pathlib.Path("turn_taking/0/output.wav"):
+                           b"a model's answer"}
+  (out / "turn_taking" / "0" / "output.wav").unlink()
+  # Another seed is another export: the cache is not keyed by per_task alone.
+  cfg.seed = 1
+  logged = []
+  export_fdb.ensure_export(str(out), "test", cfg, per_task=1, log=logged.append)
+  assert logged and json.loads((out / export_fdb.MANIFEST).read_text())["settings"][
+      "data"]["seed"] == 1
+  assert snapshot(out) != first

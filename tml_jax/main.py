@@ -35,11 +35,9 @@ def main(argv):
     return
   from tml_jax.data import export_fdb
   fdb = os.path.join(result["data_dir"], f"fdb_test_{_PER_TASK.value}")
-  if not os.path.exists(os.path.join(fdb, ".complete")):
-    print(f"exporting {_PER_TASK.value} test samples per task to {fdb} ...", flush=True)
-    counts = export_fdb.export(fdb, "test", config.data, per_task=_PER_TASK.value)
-    with open(os.path.join(fdb, ".complete"), "w") as f:
-      f.write(repr(counts))
+  # Reused only when its manifest holds the same settings (seed, durations, per_task, ...).
+  export_fdb.ensure_export(fdb, "test", config.data, per_task=_PER_TASK.value,
+                           log=lambda m: print(m, flush=True))
   out = os.path.join(workdir, "eval")
   # Its own process: the Silero VAD's ONNX runtime aborts ("free(): invalid pointer") in a
   # process that has loaded TensorFlow, which training does (clu's metric writers).

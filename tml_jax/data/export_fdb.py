@@ -70,7 +70,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 
 import numpy as np
 import scipy.io.wavfile
@@ -304,11 +303,114 @@ def write_sample(root: str, task: str, number: int, conv, rng: np.random.Generat
   return sample
 
 
+# ----------------------------------------------------------------------------- ownership
+# An export writes OUT/tml_export.json first (complete: false) and last (complete: true, with
+# every file it wrote). A later export may replace only what such a manifest says is ours: a
+# folder without one, or holding anything else (the real benchmark's data, a model's
+# output.wav beside an input.wav), is refused and left exactly as it was.
+MANIFEST = "tml_export.json"
+FORMAT = 1
+
+
+def export_settings(split: str, data_cfg, per_task: int | None,
+                    data_dir: str | None) -> dict:
+  """Everything that changes what an export writes (the key of the main job's cache)."""
+  cfg = data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else dict(data_cfg)
+  return json.loads(json.dumps(dict(format=FORMAT, split=split, per_task=per_task,
+                                    data_dir=os.path.abspath(data_dir) if data_dir else None,
+                                    data=cfg), default=str, sort_keys=True))
+
+
+def read_manifest(out: str) -> dict | None:
+  path = os.path.join(out, MANIFEST)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} is not a readable export manifest ({e}); move {out!r} aside or "
+                     "pass another --out") from None
+  if manifest.get("written_by") != __name__:
+    raise ValueError(f"{path} was not written by {__name__}; pass another --out")
+  return manifest
+
+
+def _files_under(out: str) -> list[str]:
+  return sorted(os.path.relpath(os.path.join(d, f), out)
+                for d, _, files in os.walk(out) for f in files)
+
+
+def _claim(out: str) -> None:
+  """Empty `out` of an earlier export of ours, or raise (touching nothing) when it holds a
+  file that no manifest of ours accounts for."""
+  if not os.path.exists(out):
+    return
+  if not os.path.isdir(out):
+    raise NotADirectoryError(f"--out={out!r} is a file; pass a folder for the export")
+  manifest = read_manifest(out)
+  present = [f for f in _files_under(out) if f != MANIFEST]
+  if manifest is None:
+    if present:
+      raise FileExistsError(
+          f"--out={out!r} holds files this exporter did not write (e.g. "
+          f"{os.path.join(out, present[0])!r}) and no {MANIFEST}; it writes only into an empty "
+          "folder or an earlier export of its own. Pass an empty or new --out.")
+    return
+  ours = set(manifest.get("files", []))
+  # An export that stopped half-way listed no files yet: what lies in its task folders is its.
+  own_dirs = () if manifest.get("complete") else tuple(t + os.sep for t in TASKS)
+  foreign = [f for f in present if f not in ours and not f.startswith(own_dirs)]
+  if foreign:
+    raise FileExistsError(
+        f"{os.path.join(out, foreign[0])!r} (and {len(foreign) - 1} more) lies inside an earlier "
+        f"export but was not written by it (e.g. a model's output); move it out of {out!r} or "
+        "pass another --out. Nothing was changed.")
+  for f in present:
+    os.remove(os.path.join(out, f))
+  for d, _, _ in sorted(os.walk(out), key=lambda w: -len(w[0])):  # deepest first
+    if d != out and not os.listdir(d):
+      os.rmdir(d)
+
+
+def _write_manifest(out: str, settings: dict, *, counts=None, files=()) -> None:
+  tmp = os.path.join(out, MANIFEST + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(dict(written_by=__name__, complete=counts is not None, settings=settings,
+                   counts=counts, files=sorted(files)), f, indent=1)
+  os.replace(tmp, os.path.join(out, MANIFEST))
+
+
+def ensure_export(out: str, split: str, data_cfg, *, per_task: int | None = None,
+                  data_dir: str | None = None, log=print) -> dict[str, int]:
+  """The counts of a complete export in `out` made with the same settings, else export."""
+  try:
+    manifest = read_manifest(out)
+  except ValueError:
+    manifest = None  # export() raises with the reason
+  settings = export_settings(split, data_cfg, per_task, data_dir)
+  if manifest and manifest.get("complete") and manifest.get("settings") == settings:
+    return manifest["counts"]
+  log(f"exporting {per_task or 'all'} {split} samples per task to {out} ...")
+  return export(out, split, data_cfg, per_task=per_task, data_dir=data_dir)
+
+
 def export(out: str, split: str, data_cfg, *, per_task: int | None = None,
            data_dir: str | None = None) -> dict[str, int]:
-  """Write every task's samples under `out`; returns samples written per task."""
-  for task in TASKS:
-    shutil.rmtree(os.path.join(out, task), ignore_errors=True)
+  """Write every task's samples under `out` (empty, new, or an earlier export of ours: see
+  MANIFEST); returns samples written per task."""
+  _claim(out)
+  os.makedirs(out, exist_ok=True)
+  settings = export_settings(split, data_cfg, per_task, data_dir)
+  _write_manifest(out, settings)
+  counts = _export(out, split, data_cfg, per_task=per_task, data_dir=data_dir)
+  _write_manifest(out, settings, counts=counts,
+                  files=[f for f in _files_under(out) if f != MANIFEST])
+  return counts
+
+
+def _export(out: str, split: str, data_cfg, *, per_task: int | None,
+            data_dir: str | None) -> dict[str, int]:
   if data_dir:
     from tml_jax.data import tml_duplex
     source = tml_duplex.load_split(data_dir, split, data_cfg)
