@@ -144,12 +144,18 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
   config.background = mlc.ConfigDict(dict(
       enabled=True, d_model=128, num_layers=2, num_heads=4, head_dim=32, hidden=512,
       max_len=128, max_delegations=2, tool_timeout_s=5.0,
+      # Serving: outstanding delegations at most (each holds a device copy of the context).
+      max_pending=3,
   ))
   config.serve = mlc.ConfigDict(dict(
       temperature=0.0, griffin_lim_iters=4, seed=0,
       # P(speak) below it: the micro-turn is silent (speak gate only). "auto": the threshold
       # the trainer calibrated on validation (W/speak_threshold.json), else 0.5.
       speak_threshold="auto",
+      # Live input: a chunk arriving up to this late is still used (else it is silence).
+      jitter_buffer_ms=100,
+      # TEXT_IN queue bound in tokens; past it the oldest are dropped (and reported).
+      text_in_capacity=512,
   ))
 
   if variant == "tiny":

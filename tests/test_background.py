@@ -133,7 +133,8 @@ def test_worker_solve_with_tool_and_timeout():
   hang.set()
   # A worker without a background model reports it instead of failing.
   w = BackgroundWorker(None, ToolBox())
-  j = w.submit(0, 0.2, None)
+  j, outcome = w.submit(0, 0.2, None)
+  assert outcome == "submitted"
   j.done.wait(5)
   assert w.poll(10.0, offline=True)[0].answer == "background model unavailable"
 

@@ -357,7 +357,8 @@ def test_model_is_scored_on_its_voice_not_its_text(export_dir, tmp_path, monkeyp
   result = ev.evaluate(export_dir, str(tmp_path / "rep"), ["model"], workdir="wd",
                        config={"x": 1}, plots=False, log=lambda *a: None)
   assert _FakeEngine.loaded == [("wd", {"x": 1})]  # loaded once, with the config
-  assert result["models"] == {"model": {"workdir": "wd", "checkpoint_step": 7}}
+  assert result["models"] == {"model": {"workdir": "wd", "checkpoint_step": 7,
+                                       "skipped_checkpoints": []}}
   model, text = result["systems"]["model"], result["monologue"]["model"]
   assert model["failed"] == 1 and [f["sample"] for f in result["failures"]] == ["1"]
   assert model["pause_handling"]["tor"] == 0.0 and text["pause_handling"]["tor"] == 1.0

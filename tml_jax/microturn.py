@@ -216,16 +216,25 @@ class TextFifo:
   MODEL_TEXT targets: "this is all I say in this chunk"; EOT alone means silence).
 
   The training pipeline lays a whole conversation with `layout` (arrivals known in advance);
-  the engine calls `push` as text arrives and `take` once per micro-turn. Both go through
+  the engine calls `push` as text arrives and `take` once per micro-turn, with a `capacity`
+  in tokens so that a flood of text cannot grow the queue without bound. Both go through
   `take`, so they cannot drift apart.
   """
 
-  def __init__(self, slots: int, *, reserve_eot: bool = False):
-    self.slots, self.reserve_eot = slots, reserve_eot
+  def __init__(self, slots: int, *, reserve_eot: bool = False, capacity: int | None = None):
+    self.slots, self.reserve_eot, self.capacity = slots, reserve_eot, capacity
     self.queue: list[int] = []
+    self.dropped = 0  # tokens dropped so far because the queue was full
 
-  def push(self, tokens) -> None:
+  def push(self, tokens) -> int:
+    """Queues `tokens`; past `capacity` (the engine's bound) the oldest queued tokens are
+    dropped. Returns how many were dropped by this push."""
     self.queue.extend(int(t) for t in tokens)
+    over = 0 if self.capacity is None else max(0, len(self.queue) - self.capacity)
+    if over:
+      del self.queue[:over]
+      self.dropped += over
+    return over
 
   def take(self) -> np.ndarray:
     """The next chunk's `[slots]` int32 tokens."""

@@ -55,6 +55,24 @@ def resample_ratio(sample_rate) -> tuple[int, int]:
   return ratio.numerator, ratio.denominator
 
 
+FLOAT_FULL_SCALE = 2.0  # float audio beyond this is not [-1, 1] audio that clipped a little
+
+
+def check_float_scale(raw, wav_N: np.ndarray, name: str) -> None:
+  """Float samples are used as is, so float PCM at the int16 scale (+-32768) must fail where
+  audio enters a system (the engine's input). Feature code (dMel) accepts any level: a loud
+  float signal there just saturates the top bin."""
+  if not np.issubdtype(np.asarray(raw).dtype, np.floating) or wav_N.size == 0:
+    return
+  peak = float(np.abs(wav_N).max())
+  if peak > FLOAT_FULL_SCALE:
+    hint = (f"{name} / 32768" if peak <= 32768 * FLOAT_FULL_SCALE else f"{name} / {peak:.4g}")
+    raise ValueError(
+        f"{name} is float audio with peak |x| = {peak:.6g}, but float audio must lie in "
+        f"[-1, 1]; this looks like PCM at the integer scale stored as floats. Rescale it, "
+        f"e.g. {hint}, or pass the int16 array itself.")
+
+
 def check_wav(wav, sample_rate, *, name: str = "wav") -> np.ndarray:
   """Validates audio and returns it as float32 mono at 16 kHz, shape [N].
 

@@ -155,7 +155,13 @@ def _run_all(systems, sample_list, out_dir, workdir, config, notes, log):
       log(f"[evaluate] system {name!r} unavailable: {e}")
       continue
     if isinstance(system, systems_lib.ModelSystem):
-      models[name] = {"workdir": system.workdir, "checkpoint_step": system.step}
+      models[name] = {"workdir": system.workdir, "checkpoint_step": system.step,
+                      "skipped_checkpoints": system.skipped}
+      if system.skipped:
+        notes.append(f"system {name!r} scored checkpoint step {system.step}, NOT the newest: "
+                     + "; ".join(f"step {k['step']} failed ({k['error'][:120]})"
+                                 for k in system.skipped))
+        log(f"[evaluate] WARNING: {notes[-1]}")
     t0 = time.time()
     rows += [dict(r, folder=s.folder) for r, s in
              zip(_run_system(system, sample_list, out_dir, log), sample_list)]

@@ -7,7 +7,8 @@ report.json:
   stream; a baseline's script), a secondary diagnostic, never the score.
 - "agreement": {system: {"wer", "audible_share", ...}}: the ASR's word error rate against
   the monologue, and the share of monologue words that fall on audible output.
-- "models": {system: {"workdir", "checkpoint_step"}} of the model systems scored;
+- "models": {system: {"workdir", "checkpoint_step", "skipped_checkpoints"}} of the model
+  systems scored (skipped: newer checkpoints that failed to load, each {"step", "error"});
   "substitutes": what replaced the benchmark's ASR / judge; "notes"; "refused" (sample
   folders that could not be read); "failures" (system x sample runs that raised);
   "reference": the reference system's own published figures, context only.
@@ -250,6 +251,8 @@ def table(result: dict) -> str:
       ["not computed"] * len(cols), _fmt(ref["fd_bench_v1_5_interaction_quality"]))
   add("samples failed", "", [c[1].get("failed", "unavailable") if c[3] else "" for c in cols])
   steps = "".join(f"; {n}: checkpoint step {m.get('checkpoint_step')}"
+                  + (f" (older: newer step(s) {[k['step'] for k in m['skipped_checkpoints']]} "
+                     "failed to load)" if m.get("skipped_checkpoints") else "")
                   for n, m in result.get("models", {}).items())
   return "\n".join(lines + [
       "", f"Scored on what each system says out loud (the ASR of its output.wav){steps}.",

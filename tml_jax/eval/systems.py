@@ -34,8 +34,9 @@ def engine_class():
 class ModelSystem:
   """The streaming engine of tml_jax.interact, loaded once from a training workdir.
 
-  `step` is the checkpoint step the engine restored (None when it does not say), recorded
-  in report.json so a score names the weights it scored.
+  `step` is the checkpoint step the engine restored (None when it does not say), and
+  `skipped` the newer checkpoints it could not load, both recorded in report.json so a score
+  names the weights it scored.
   """
   name = "model"
 
@@ -55,6 +56,8 @@ class ModelSystem:
     self.workdir = workdir
     step = getattr(self.engine, "step", None)
     self.step = int(step) if step is not None else None
+    # Newer checkpoints the engine could not load (it fell back to an older one).
+    self.skipped = list(getattr(self.engine, "skipped_checkpoints", []))
 
   def run_sample(self, sample, out_dir: str):
     os.makedirs(out_dir, exist_ok=True)

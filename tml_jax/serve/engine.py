@@ -25,6 +25,7 @@ import numpy as np
 from tml_jax.audio import dmel, io, vocoder
 from tml_jax.microturn import ChunkLayout, TextFifo
 from tml_jax.serve import outputs
+from tml_jax.serve.inputs import LiveClock, OfflineClock, RecordedInput, load_input
 from tml_jax.serve.stream import StreamingModel, serving_config
 from tml_jax.serve.worker import BackgroundWorker, ModelGenerator
 from tml_jax.text import tokenizer as tok
@@ -32,106 +33,6 @@ from tml_jax.tools import ToolBox, ToolContext
 from tml_jax.vision import patches as patch_lib
 
 DEFAULT_CONFIG = "configs/interaction.py:tiny"
-
-
-# ----------------------------------------------------------------------------- clocks
-
-class OfflineClock:
-  """Conversation time = chunk index * chunk_s; never sleeps."""
-  live = False
-
-  def __init__(self, chunk_s: float):
-    self.chunk_s, self.t = chunk_s, 0
-
-  def start(self):
-    self.t = 0
-
-  def wait_for_chunk(self, t: int):
-    self.t = t
-
-  def now_s(self) -> float:
-    return self.t * self.chunk_s
-
-  def arrived(self, arrival_s: float) -> bool:
-    del arrival_s
-    return True
-
-
-class LiveClock:
-  """Wall clock since `start`, `speed` times faster than real time (1.0 = real time; tests
-  use more). Chunk t is processed once it has been fully heard, at (t+1)*chunk_s; when the
-  engine runs late it starts the next chunk at once: the clock never stalls."""
-  live = True
-
-  def __init__(self, chunk_s: float, speed: float = 1.0):
-    self.chunk_s, self.speed, self.t0 = chunk_s, speed, None
-
-  def start(self):
-    self.t0 = time.perf_counter()
-
-  def now_s(self) -> float:
-    return (time.perf_counter() - self.t0) * self.speed
-
-  def wait_for_chunk(self, t: int):
-    delay = ((t + 1) * self.chunk_s - self.now_s()) / self.speed
-    if delay > 0:
-      time.sleep(delay)
-
-  def arrived(self, arrival_s: float) -> bool:
-    return arrival_s <= self.now_s()
-
-
-# ----------------------------------------------------------------------------- inputs
-
-class RecordedInput:
-  """A recording played as a stream: chunk t arrives at (t+1)*chunk_s + jitter; `drop`
-  loses chunks at random (both simulate a network in live mode; offline ignores arrival)."""
-
-  def __init__(self, wav_N: np.ndarray, chunk_samples: int, *, chunk_s: float,
-               jitter_s: float = 0.0, drop: float = 0.0, seed: int = 0, frames=None):
-    self.num_samples = wav_N.size
-    self.num_chunks = -(-wav_N.size // chunk_samples)
-    padded = np.zeros(self.num_chunks * chunk_samples, np.float32)
-    padded[:wav_N.size] = wav_N
-    self.chunks = padded.reshape(self.num_chunks, chunk_samples)
-    rng = np.random.default_rng(seed)
-    self.arrival_s = (np.arange(1, self.num_chunks + 1) * chunk_s
-                      + rng.uniform(0, jitter_s, self.num_chunks))
-    self.dropped = rng.random(self.num_chunks) < drop
-    self.frames = frames  # [C, H, W, 3] uint8 or None
-
-  def get(self, t: int, clock) -> np.ndarray | None:
-    if self.dropped[t] or not clock.arrived(self.arrival_s[t]):
-      return None
-    return self.chunks[t]
-
-  def frame(self, t: int):
-    if self.frames is None or t >= len(self.frames):
-      return None
-    return self.frames[t]
-
-
-def load_input(path: str) -> tuple[np.ndarray, np.ndarray | None]:
-  """A 16 kHz wav, or a Full-Duplex-Bench sample folder (input.wav, optional video.npy
-  [T, H, W, 3] or frames/*.png|jpg, one frame per chunk). NaN/Inf or unusable rates fail."""
-  frames = None
-  if os.path.isdir(path):
-    wav_path = os.path.join(path, "input.wav")
-    if not os.path.exists(wav_path):
-      raise FileNotFoundError(f"{path!r} is a folder without input.wav; pass a 16 kHz wav or a "
-                              "Full-Duplex-Bench sample folder (input.wav + optional frames).")
-    if os.path.exists(os.path.join(path, "video.npy")):
-      frames = np.load(os.path.join(path, "video.npy"))
-    elif os.path.isdir(os.path.join(path, "frames")):
-      from PIL import Image
-      d = os.path.join(path, "frames")
-      names = sorted(n for n in os.listdir(d) if n.lower().endswith((".png", ".jpg", ".jpeg")))
-      frames = np.stack([np.asarray(Image.open(os.path.join(d, n)).convert("RGB"))
-                         for n in names]) if names else None
-  else:
-    wav_path = path
-  wav, rate = io.load_wav(wav_path)
-  return io.check_wav(wav, rate, name=wav_path), frames
 
 
 # ----------------------------------------------------------------------------- engine
@@ -143,6 +44,8 @@ class ChunkRecord:
   tokens: list
   user_missing: bool
   p_speak: float = 1.0   # the speak gate's P(speak in chunk t+1); 1 without a gate
+  lag_ms: float = 0.0    # live: how late the step started after its chunk was due
+  input_wait_ms: float = 0.0  # live: time spent in the jitter buffer waiting for the input
 
 
 class Engine:
@@ -170,7 +73,18 @@ class Engine:
     self.generate = generate or (ModelGenerator(bg, model.cfg.window) if bg is not None
                                  else None)
     self.tools = tools
-    self.tool_timeout_s = config.get("background", {}).get("tool_timeout_s", 5.0)
+    bg_cfg = config.get("background", {})
+    self.tool_timeout_s = bg_cfg.get("tool_timeout_s", 5.0)
+    self.max_pending = int(bg_cfg.get("max_pending", 3))
+    self.jitter_buffer_s = float(serve.get("jitter_buffer_ms", 100)) / 1000
+    self.text_in_capacity = int(serve.get("text_in_capacity", 512))
+    for name, value in (("background.max_pending", self.max_pending),
+                        ("serve.text_in_capacity", self.text_in_capacity)):
+      if value < 1:
+        raise ValueError(f"config.{name}={value}; it must be at least 1")
+    if self.jitter_buffer_s < 0:
+      raise ValueError(f"config.serve.jitter_buffer_ms={serve.get('jitter_buffer_ms')}; pass "
+                       "0 (no buffer) or a positive number of milliseconds")
     if warmup:
       self.warmup()
 
@@ -219,11 +133,12 @@ class Engine:
     from tml_jax.train.state import model_from_params, params_abstract
     config = serving_config(load_config(workdir, config))
     graphdef, abstract = params_abstract(config)
-    params, step = restore_params(workdir, nnx.to_pure_dict(abstract))
+    skipped = []  # newer checkpoints that failed: logged, and kept for the report
+    params, step = restore_params(workdir, nnx.to_pure_dict(abstract), skipped=skipped)
     if config.get("serve", {}).get("speak_threshold", "auto") == "auto":
       kw.setdefault("speak_threshold", calibrated_threshold(workdir))
     engine = cls(model_from_params(graphdef, abstract, params), config, **kw)
-    engine.step = step
+    engine.step, engine.skipped_checkpoints = step, skipped
     return engine
 
   # --------------------------------------------------------------- running
@@ -232,30 +147,40 @@ class Engine:
               delegate_at_s=(), text_at_s=(), seed: int | None = None) -> dict:
     """Runs a whole conversation; writes the outputs to `out_dir` when given.
 
+    wav_N: float audio at 16 kHz (checked), or a memory-mapped int16 file (`open_wav`).
     delegate_at_s: conversation times at which to delegate as if the model had emitted
     DELEGATE (demos and tests); text_at_s: (time_s, text) typed into TEXT_IN.
     """
-    wav_N = io.check_wav(wav_N, self.config.layout.sample_rate, name="input audio")
+    if not (isinstance(wav_N, np.memmap) and wav_N.dtype == np.int16 and wav_N.ndim == 1):
+      raw = wav_N
+      wav_N = io.check_wav(wav_N, self.config.layout.sample_rate, name="input audio")
+      io.check_float_scale(raw, wav_N, "input audio")
     seed = self.seed if seed is None else seed
     source = RecordedInput(wav_N, self.chunk_samples, chunk_s=self.chunk_s, jitter_s=jitter_s,
-                           drop=drop, seed=seed, frames=frames)
+                           drop=drop, seed=seed, frames=frames,
+                           jitter_buffer_s=self.jitter_buffer_s)
     clock = LiveClock(self.chunk_s, speed) if live else OfflineClock(self.chunk_s)
     if out_dir:
       os.makedirs(out_dir, exist_ok=True)
+    sink = outputs.AudioSink(source.num_samples, self.chunk_samples,
+                             os.path.join(out_dir, "output.wav") if out_dir else None)
     ctx = ToolContext(now_s=clock.now_s, out_dir=out_dir)
     worker = BackgroundWorker(self.generate, ToolBox(self.tools, ctx,
-                                                     timeout_s=self.tool_timeout_s))
+                                                     timeout_s=self.tool_timeout_s),
+                              max_pending=self.max_pending)
     # The vocoder's small float64 matmuls slow down ~50x when BLAS threads fight the XLA
     # threads (and other jobs) for cores; one BLAS thread is fastest at these sizes.
     try:
       with _blas_threads(1):
-        res = self._loop(source, clock, worker, ctx, seed, sorted(delegate_at_s),
+        res = self._loop(source, clock, worker, ctx, sink, seed, sorted(delegate_at_s),
                          sorted(text_at_s))
     finally:
       worker.close()
-    res["live"] = live
+      sink.close()
+    res.update(live=live, out_audio=sink.chunks, user_rms=sink.user_rms, model_rms=sink.rms,
+               num_samples=source.num_samples)
     if out_dir:
-      res["files"] = outputs.write_all(out_dir, res, wav_N, self.chunk_s)
+      res["files"] = outputs.write_all(out_dir, res, self.chunk_s)
     return res
 
   def run_file(self, input_path: str, out_dir: str, **kw) -> dict:
@@ -271,13 +196,12 @@ class Engine:
     f = patch_lib.resize_frame(np.asarray(frame, np.uint8), tuple(self.config.layout.video_size))
     return patch_lib.patchify(f, m.patch_size)[None, None], True
 
-  def _loop(self, source, clock, worker, ctx, seed, delegate_at, text_at) -> dict:
+  def _loop(self, source, clock, worker, ctx, sink, seed, delegate_at, text_at) -> dict:
     """One conversation: per micro-turn, gather text, observe, step, vocode, delegate."""
     lay, C, sm = self.lay, source.num_chunks, self.stream
     sm.reset()
     user_dm, self_dm = dmel.DMelStream(lay.user_audio), dmel.DMelStream(lay.self_audio)
-    fifo = TextFifo(lay.text_in)
-    out_audio = np.zeros((C, self.chunk_samples), np.float32)
+    fifo = TextFifo(lay.text_in, capacity=self.text_in_capacity)
     played = np.zeros(self.chunk_samples, np.float32)
     events, records = [], []
     key = jax.random.key(seed)
@@ -285,12 +209,16 @@ class Engine:
     for t in range(C):
       clock.wait_for_chunk(t)
       now = t * self.chunk_s  # conversation time at the start of chunk t
+      lag_ms = max(0.0, clock.now_s() - (t + 1) * self.chunk_s) * 1e3 if clock.live else 0.0
       self._gather_text(fifo, events, worker, ctx, text_at, now, offline=not clock.live)
-      audio = source.get(t, clock)
+      audio, waited_s = source.get(t, clock)
       missing = audio is None
       if missing:
-        events.append(dict(kind="input_missing", time_s=round(now, 3), chunk=t))
+        events.append(dict(kind="input_missing", time_s=round(now, 3), chunk=t,
+                           jitter_buffer_ms=round(self.jitter_buffer_s * 1e3, 1)))
         audio = np.zeros(self.chunk_samples, np.float32)
+      if t == len(source.frames if source.frames is not None else ()) and t:
+        events.append(dict(kind="video_ended", time_s=round(now, 3), chunk=t))
       t0 = time.perf_counter()
       video, video_valid = self._video(source.frame(t))
       obs = dict(user_dmel=user_dm.push_tokens(audio)[None, None],
@@ -301,29 +229,59 @@ class Engine:
       out = sm.step(obs, rng=jax.random.fold_in(key, t), temperature=self.temperature)
       tokens = np.asarray(out["tokens"]).tolist()
       wav = vocoder.vocode(np.asarray(out["mel"]), n_iter=self.gl_iters)[:self.chunk_samples]
-      played = np.clip(np.nan_to_num(wav), -1.0, 1.0)
-      out_audio[t] = played
+      bad = ~np.isfinite(wav)
+      if bad.any():  # reported, then played as silence where it is not a number
+        events.append(dict(kind="vocoder_nonfinite", time_s=round(now, 3), chunk=t,
+                           samples=int(bad.sum()),
+                           mel_nonfinite=int((~np.isfinite(np.asarray(out["mel"]))).sum())))
+        wav = np.where(bad, 0.0, wav)
+      played = np.clip(wav, -1.0, 1.0).astype(np.float32)
+      sink.write(t, played, audio)
       records.append(ChunkRecord(t, (time.perf_counter() - t0) * 1e3, tokens, missing,
-                                 float(out["p_speak"])))
+                                 float(out["p_speak"]), round(lag_ms, 3),
+                                 round(waited_s * 1e3, 3)))
       forced = bool(delegate_at) and delegate_at[0] <= now + 1e-9
       if forced:
         delegate_at.pop(0)
       if forced or tok.DELEGATE in tokens:
-        job = worker.submit(t, (t + 1) * self.chunk_s, sm.context())
-        events.append(dict(kind="delegation", time_s=round((t + 1) * self.chunk_s, 3),
-                           chunk=t, job=job.id, forced=tok.DELEGATE not in tokens))
+        self._delegate(worker, events, sm, t, forced=tok.DELEGATE not in tokens)
+    closed = worker.close()  # queued jobs cancelled, the running one joined: nothing leaks
     events.append(dict(kind="end", time_s=round(C * self.chunk_s, 3),
-                       pending_background_jobs=len(worker.pending)))
-    return dict(records=records, out_audio=out_audio, events=events, num_chunks=C,
-                cache_bytes=sm.cache_nbytes())
+                       pending_background_jobs=len(worker.pending),
+                       cancelled_background_jobs=closed["cancelled"],
+                       abandoned_background_job=closed["abandoned"],
+                       text_in_dropped_tokens=fifo.dropped))
+    return dict(records=records, events=events, num_chunks=C, cache_bytes=sm.cache_nbytes())
+
+  def _delegate(self, worker, events, sm, t: int, *, forced: bool):
+    """Hands chunk t's context to the worker: a new job, or coalesced into one still
+    queued, or dropped when `background.max_pending` jobs are outstanding."""
+    at = round((t + 1) * self.chunk_s, 3)
+    job, outcome = worker.submit(t, (t + 1) * self.chunk_s, sm.context)
+    if outcome == "submitted":
+      events.append(dict(kind="delegation", time_s=at, chunk=t, job=job.id, forced=forced))
+    elif outcome == "coalesced":
+      events.append(dict(kind="delegation_coalesced", time_s=at, chunk=t, job=job.id,
+                         forced=forced))
+    else:
+      events.append(dict(kind="delegation_dropped", time_s=at, chunk=t, forced=forced,
+                         outstanding=len(worker.pending), max_pending=worker.max_pending))
 
   @staticmethod
   def _gather_text(fifo: TextFifo, events: list, worker, ctx, text_at, now: float, *,
                    offline: bool):
-    """Background answers, reminders and typed text due by `now` join the TEXT_IN queue.
+    """Background answers, reminders and typed text due by `now` join the TEXT_IN queue;
+    past its capacity the oldest queued tokens are dropped, and that is reported.
     (Offline, `poll` may wait for a job, bounded by its real-time budget: not micro-turn
     time.)"""
     enc = tok.ByteTokenizer().encode
+
+    def push(tokens, source: str):
+      dropped = fifo.push(tokens)
+      if dropped:
+        events.append(dict(kind="text_in_overflow", time_s=round(now, 3), source=source,
+                           dropped_tokens=dropped, capacity=fifo.capacity))
+
     for job in worker.poll(now, offline=offline):
       for e in job.events:  # `at_s`: when it happened on the job's conversation clock
         at = e.pop("at_s", now)
@@ -331,15 +289,15 @@ class Engine:
       events.append(dict(kind="background_result", time_s=round(now, 3), job=job.id,
                          text=job.answer, delegated_at_s=round(job.submit_s, 3),
                          compute_s=round(job.compute_s, 3)))
-      fifo.push([tok.RESULT] + enc(job.answer))
+      push([tok.RESULT] + enc(job.answer), "background_result")
     for r in ctx.reminders.due(now):
       events.append(dict(kind="reminder", time_s=round(now, 3), due_s=round(r.due_s, 3),
                          text=r.text))
-      fifo.push([tok.RESULT] + enc(f"reminder: {r.text}"))
+      push([tok.RESULT] + enc(f"reminder: {r.text}"), "reminder")
     while text_at and text_at[0][0] <= now + 1e-9:
       _, text = text_at.pop(0)
       events.append(dict(kind="text_in", time_s=round(now, 3), text=text))
-      fifo.push([tok.RESULT] + enc(text))
+      push([tok.RESULT] + enc(text), "text_in")
 
 
 def _blas_threads(n: int):

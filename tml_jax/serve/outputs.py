@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import wave
 
 import numpy as np
 
@@ -29,6 +30,54 @@ def aligned_audio(out_audio_CxS: np.ndarray, num_samples: int) -> np.ndarray:
   wav = np.zeros(max(num_samples, (C + 1) * S), np.float32)
   wav[S:(C + 1) * S] = out_audio_CxS.reshape(-1)
   return wav[:num_samples]
+
+
+def _pcm16(wav: np.ndarray) -> bytes:
+  return np.clip(np.round(wav.astype(np.float64) * 2.0**15), -2**15, 2**15 - 1).astype(
+      "<i2").tobytes()
+
+
+class AudioSink:
+  """What the engine plays, chunk by chunk, aligned as the module docstring says.
+
+  With `path`, output.wav (16 kHz mono int16) is written as the conversation runs and only
+  per-chunk RMS stays in memory, so an hour costs kilobytes, not the 230 MB of its samples;
+  without, the chunks are kept (`chunks`, [C, S]) for callers that want the audio itself.
+  """
+
+  def __init__(self, num_samples: int, chunk_samples: int, path: str | None = None,
+               sample_rate: int = 16000):
+    self.num_samples, self.S = num_samples, chunk_samples
+    C = -(-num_samples // chunk_samples)
+    self.rms, self.user_rms = np.zeros(C, np.float32), np.zeros(C, np.float32)
+    self.chunks = None if path else np.zeros((C, chunk_samples), np.float32)
+    self._wav, self._written = None, 0
+    if path:
+      self._wav = wave.open(path, "wb")
+      self._wav.setnchannels(1)
+      self._wav.setsampwidth(2)
+      self._wav.setframerate(sample_rate)
+      self._emit(np.zeros(chunk_samples, np.float32))  # chunk t plays during chunk t+1
+
+  def _emit(self, wav: np.ndarray):
+    n = min(wav.size, self.num_samples - self._written)
+    if n > 0:
+      self._wav.writeframes(_pcm16(wav[:n]))
+      self._written += n
+
+  def write(self, t: int, played_S: np.ndarray, heard_S: np.ndarray):
+    self.rms[t] = np.sqrt(np.mean(np.square(played_S, dtype=np.float64)))
+    self.user_rms[t] = np.sqrt(np.mean(np.square(heard_S, dtype=np.float64)))
+    if self.chunks is not None:
+      self.chunks[t] = played_S
+    if self._wav is not None:
+      self._emit(played_S)
+
+  def close(self):
+    if self._wav is not None:
+      self._emit(np.zeros(max(0, self.num_samples - self._written), np.float32))
+      self._wav.close()
+      self._wav = None
 
 
 def words(records, chunk_s: float) -> list[dict]:
@@ -61,34 +110,56 @@ def words(records, chunk_s: float) -> list[dict]:
 
 
 def latency(records, chunk_s: float) -> dict:
+  """Compute time per micro-turn, and (live) the catch-up policy's record: how late each
+  step started after its chunk was due (`inputs.LiveClock`: no micro-turn is skipped; late
+  ones run back to back until the engine is on schedule again) and the jitter buffer's
+  waits."""
   ms = np.array([r.compute_ms for r in records], np.float64)
+  lag = np.array([r.lag_ms for r in records], np.float64)
+  wait = np.array([r.input_wait_ms for r in records], np.float64)
   # Every micro-turn counts (the engine compiles in its warm-up, not in chunk 0); the first
   # one is also reported apart, since a cold start would show there.
-  steady = ms
-  pct = lambda q: round(float(np.percentile(steady, q)), 3)
-  return dict(num_chunks=int(ms.size), chunk_ms=chunk_s * 1e3, p50_ms=pct(50), p90_ms=pct(90),
-              p99_ms=pct(99), max_ms=round(float(steady.max()), 3),
-              mean_ms=round(float(steady.mean()), 3), first_chunk_ms=round(float(ms[0]), 3),
-              real_time_factor=round(float(steady.mean()) / (chunk_s * 1e3), 4),
-              over_budget_chunks=int(np.sum(steady > chunk_s * 1e3)),
+  pct = lambda x, q: round(float(np.percentile(x, q)), 3)
+  late = lag > 1e-6
+  # Catch-up episodes: runs of consecutive late chunks; their length is the catch-up time.
+  runs, n = [], 0
+  for flag in late.tolist() + [False]:
+    if flag:
+      n += 1
+    elif n:
+      runs.append(n)
+      n = 0
+  return dict(num_chunks=int(ms.size), chunk_ms=chunk_s * 1e3, p50_ms=pct(ms, 50),
+              p90_ms=pct(ms, 90), p99_ms=pct(ms, 99), max_ms=round(float(ms.max()), 3),
+              mean_ms=round(float(ms.mean()), 3), first_chunk_ms=round(float(ms[0]), 3),
+              real_time_factor=round(float(ms.mean()) / (chunk_s * 1e3), 4),
+              over_budget_chunks=int(np.sum(ms > chunk_s * 1e3)),
+              catch_up=dict(
+                  policy="no micro-turn is skipped: a step that starts after its chunk was "
+                         "due runs at once, back to back, until the engine is on schedule",
+                  late_chunks=int(late.sum()), max_lag_ms=round(float(lag.max()), 3),
+                  p90_lag_ms=pct(lag, 90), episodes=len(runs),
+                  longest_episode_chunks=max(runs, default=0)),
+              jitter_buffer=dict(waited_chunks=int(np.sum(wait > 0)),
+                                 max_wait_ms=round(float(wait.max()), 3),
+                                 missing_chunks=int(sum(r.user_missing for r in records))),
               load_average=list(os.getloadavg()), cpu_count=os.cpu_count(),
               machine=platform.machine())
 
 
-def timeline_png(path: str, wav_in: np.ndarray, wav_out: np.ndarray, word_list, events,
-                 chunk_s: float, sample_rate: int = 16000):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  S = int(chunk_s * sample_rate)
-  rms = lambda w: np.sqrt(np.mean(np.pad(w, (0, -w.size % S)).reshape(-1, S) ** 2, axis=1))
-  u, m = rms(wav_in), rms(wav_out)
-  dur = wav_in.size / sample_rate
-  fig, axes = plt.subplots(3, 1, figsize=(max(8, min(40, dur / 2)), 5), sharex=True, dpi=100)
+def timeline_png(path: str, user_rms_C: np.ndarray, model_rms_C: np.ndarray, word_list,
+                 events, chunk_s: float, duration_s: float):
+  """User and model loudness per chunk (model shifted to when it is heard), the model's
+  words, and the background work, on one time axis."""
+  from matplotlib.figure import Figure  # no pyplot: no global backend switch
+  u, m = user_rms_C, model_rms_C
+  dur = duration_s
+  fig = Figure(figsize=(max(8, min(40, dur / 2)), 5), dpi=100)
+  axes = fig.subplots(3, 1, sharex=True)
   t_u = np.arange(u.size) * chunk_s
   axes[0].fill_between(t_u, u, step="post", color="#3182bd")
   axes[0].set_ylabel("user RMS")
-  axes[1].fill_between(np.arange(m.size) * chunk_s, m, step="post", color="#e6550d")
+  axes[1].fill_between((np.arange(m.size) + 1) * chunk_s, m, step="post", color="#e6550d")
   printable = lambda x: "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in str(x))
   for w in word_list[:400]:  # labels beyond a few hundred are unreadable anyway
     axes[1].text(w["timestamp"][0], 0.9 * m.max() if m.size else 0, printable(w["text"])[:16],
@@ -114,15 +185,16 @@ def timeline_png(path: str, wav_in: np.ndarray, wav_out: np.ndarray, word_list, 
   ax.set_xlim(0, dur)
   fig.subplots_adjust(left=0.09, right=0.99, bottom=0.1, top=0.95, hspace=0.3)
   fig.savefig(path)
-  plt.close(fig)
 
 
-def write_all(out_dir: str, res: dict, wav_in: np.ndarray, chunk_s: float) -> dict:
+def write_all(out_dir: str, res: dict, chunk_s: float) -> dict:
+  """Everything but output.wav (written as the run went, by AudioSink) from the run's
+  result: monologue.json, events.jsonl, latency.json, timeline.png."""
   files = {k: os.path.join(out_dir, v) for k, v in dict(
       wav="output.wav", monologue="monologue.json", events="events.jsonl",
       timeline="timeline.png", latency="latency.json").items()}
-  wav_out = aligned_audio(res["out_audio"], wav_in.size)
-  io.save_wav(files["wav"], wav_out)
+  if res.get("out_audio") is not None:  # a sink without a file: write the kept chunks
+    io.save_wav(files["wav"], aligned_audio(res["out_audio"], res["num_samples"]))
   word_list = words(res["records"], chunk_s)
   with open(files["monologue"], "w") as f:
     json.dump(dict(text=" ".join(w["text"] for w in word_list), chunks=word_list), f, indent=1)
@@ -133,6 +205,7 @@ def write_all(out_dir: str, res: dict, wav_in: np.ndarray, chunk_s: float) -> di
   res["latency"] = latency(res["records"], chunk_s)
   with open(files["latency"], "w") as f:
     json.dump(res["latency"], f, indent=1)
-  timeline_png(files["timeline"], wav_in, wav_out, word_list, res["events"], chunk_s)
+  timeline_png(files["timeline"], res["user_rms"], res["model_rms"], word_list, res["events"],
+               chunk_s, res["num_samples"] / 16000)
   res["words"] = word_list
   return files

@@ -112,31 +112,77 @@ def solve(generate: Callable, tools: ToolBox, job: Job) -> str:
 
 
 class BackgroundWorker:
+  """One daemon thread over a queue of jobs, bounded.
 
-  def __init__(self, generate: Callable | None, tools: ToolBox):
-    self.generate, self.tools = generate, tools
+  max_pending: at most this many undelivered jobs, each holding a device copy of the
+  context; a delegation beyond it is dropped (and reported by the engine). A delegation
+  made while an earlier job is still waiting in the queue (not started) is coalesced into it:
+  that job takes the newer context, as if it had just been submitted. A finished job lets
+  go of its context.
+  """
+
+  def __init__(self, generate: Callable | None, tools: ToolBox, *, max_pending: int = 3):
+    if max_pending < 1:
+      raise ValueError(f"max_pending={max_pending}: at least one outstanding delegation is "
+                       "needed (config.background.max_pending)")
+    self.generate, self.tools, self.max_pending = generate, tools, max_pending
     self.pending: list[Job] = []
     self._queue: queue.Queue = queue.Queue()
+    self._lock = threading.Lock()   # a job's start vs. coalescing into it
+    self._started: set[int] = set()
+    self._cancelled: set[int] = set()
     self._next_id = 0
+    self._closed = False
     self._thread = threading.Thread(target=self._loop, name="background-worker", daemon=True)
     self._thread.start()
 
-  def submit(self, chunk: int, submit_s: float, context) -> Job:
-    job = Job(self._next_id, chunk, submit_s, context, submit_wall=time.perf_counter())
-    self._next_id += 1
-    self.pending.append(job)
+  def submit(self, chunk: int, submit_s: float, context) -> tuple[Job | None, str]:
+    """(job, "submitted" | "coalesced" | "dropped"); job is None when dropped. `context` may
+    be a function making it (a device copy), called only when the job takes it."""
+    if self._closed:
+      raise RuntimeError("this BackgroundWorker is closed; make a new one per conversation")
+    make = context if callable(context) else (lambda: context)
+    with self._lock:
+      queued = [j for j in self.pending if j.id not in self._started]
+      if queued:
+        job = queued[-1]
+        job.chunk, job.submit_s, job.context = chunk, submit_s, make()
+        job.submit_wall = time.perf_counter()
+        return job, "coalesced"
+      if len(self.pending) >= self.max_pending:
+        return None, "dropped"
+      job = Job(self._next_id, chunk, submit_s, make(), submit_wall=time.perf_counter())
+      self._next_id += 1
+      self.pending.append(job)
     self._queue.put(job)
-    return job
+    return job, "submitted"
 
-  def close(self):
-    """Stops the thread after the queued jobs (a job still running is not interrupted)."""
+  def close(self, timeout_s: float = 60.0) -> dict:
+    """Ends the worker: queued jobs are cancelled (never run), the running one is waited for
+    up to `timeout_s`, and the thread is joined, so nothing of this conversation runs into
+    the next one. Idempotent. Returns {"cancelled": n, "abandoned": bool} (abandoned: the
+    running job outlived the timeout; its tool effects are already revoked by ToolBox)."""
+    if self._closed:
+      return dict(cancelled=0, abandoned=False)
+    self._closed = True
+    with self._lock:
+      cancelled = [j for j in self.pending if j.id not in self._started]
+      self._cancelled.update(j.id for j in cancelled)
+    for job in cancelled:
+      job.context = None
     self._queue.put(None)
+    self._thread.join(timeout_s)
+    return dict(cancelled=len(cancelled), abandoned=self._thread.is_alive())
 
   def _loop(self):
     while True:
       job = self._queue.get()
       if job is None:
         return
+      with self._lock:
+        if job.id in self._cancelled:
+          continue
+        self._started.add(job.id)
       # Tools read the conversation clock as the job sees it: submit time + elapsed compute
       # (offline, the main loop may be far ahead of or behind the job in wall time).
       self.tools.ctx.now_s = lambda job=job: job.submit_s + job.compute_s
@@ -149,6 +195,7 @@ class BackgroundWorker:
                                error=f"{type(e).__name__}: {e}",
                                trace=traceback.format_exc(limit=3)))
         job.answer = UNAVAILABLE
+      job.context = None  # the device copy of the context is no longer needed
       job.done_wall = time.perf_counter()
       job.done.set()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 
@@ -17,16 +18,16 @@ def chart(args: str, ctx) -> str:
     labels = [str(i + 1) for i in range(len(values))]
   if not values:
     raise ValueError(f"no numbers to chart in {args!r}; write e.g. 'sales; 3, 5, 2'")
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  out = os.path.join(ctx.out_dir or ".", "charts")
-  os.makedirs(out, exist_ok=True)
-  path = os.path.join(out, f"chart_{ctx.next_id('chart'):03d}.png")
-  fig, ax = plt.subplots(figsize=(4, 3), dpi=100)
+  # A Figure of its own (not pyplot): no global backend switch, safe in a worker thread.
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(4, 3), dpi=100)
+  ax = fig.subplots()
   ax.bar(labels, values, color="#3182bd")
   ax.set_title(title.strip() or "chart")
   fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png")
+  # Written through the call's context: a call that has timed out writes nothing.
+  path = ctx.write_file(os.path.join("charts", f"chart_{ctx.next_id('chart'):03d}.png"),
+                        buf.getvalue())
   return f"chart saved: {path}"

@@ -145,10 +145,14 @@ def _reader(ckpt_dir: str):
                                    read_only=True, enable_async_checkpointing=False))
 
 
-def restore_params(workdir: str, abstract_params, *, step: int | None = None):
+def restore_params(workdir: str, abstract_params, *, step: int | None = None,
+                   skipped: list | None = None):
   """(params, step): the `params` subtree of the newest checkpoint in `workdir` that restores
   into `abstract_params` (a pure-dict tree of jax.ShapeDtypeStruct with shardings, e.g.
   `nnx.to_pure_dict` of tml_jax.train.state.params_abstract), or of `step` when given.
+
+  When newer checkpoints fail and an older one is used, that is logged as a warning and each
+  skipped one is appended to `skipped` as {"step", "error"}: a score must name its weights.
 
   Only the parameters are read: the optimizer state and the data iterator state are skipped
   on disk (orbax partial restore), so this needs neither optax nor grain.
@@ -159,12 +163,13 @@ def restore_params(workdir: str, abstract_params, *, step: int | None = None):
                             f"(python -m tml_jax.train --config=... --workdir={workdir}).")
   manager = _reader(ckpt_dir)
   try:
-    return _restore_params(manager, ckpt_dir, workdir, abstract_params, step)
+    return _restore_params(manager, ckpt_dir, workdir, abstract_params, step,
+                           [] if skipped is None else skipped)
   finally:
     manager.close()
 
 
-def _restore_params(manager, ckpt_dir: str, workdir: str, abstract_params, step):
+def _restore_params(manager, ckpt_dir: str, workdir: str, abstract_params, step, skipped):
   saved = sorted(manager.all_steps(), reverse=True)
   if not saved:
     raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; train first "
@@ -182,11 +187,18 @@ def _restore_params(manager, ckpt_dir: str, workdir: str, abstract_params, step)
     mismatch = _params_mismatch(manager, s, abstract_params)
     if mismatch:
       errors.append(f"step {s}: {mismatch}")
+      skipped.append(dict(step=int(s), error=mismatch))
       continue
     try:
-      return manager.restore(s, args=args)["state"]["params"], s
+      params = manager.restore(s, args=args)["state"]["params"]
     except Exception as e:  # orbax raises many types for damaged or mismatched files
       errors.append(f"step {s}: {type(e).__name__}: {str(e)[:300]}")
+      skipped.append(dict(step=int(s), error=f"{type(e).__name__}: {str(e)[:300]}"))
+      continue
+    if skipped:
+      logging.warning("restored the OLDER checkpoint step %d of %s: the newer ones failed (%s)",
+                      s, ckpt_dir, "; ".join(errors))
+    return params, s
   raise ValueError(f"no checkpoint in {ckpt_dir} matches the config's parameters "
                    f"({errors[0]}). Fix: build the abstract parameters from the config the run "
                    "was trained with (the workdir's config.json; for the engine, pass that "

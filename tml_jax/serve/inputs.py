@@ -1,0 +1,181 @@
+"""Where the engine's input comes from, and when: clocks, recorded streams, input files.
+
+Live input goes through a jitter buffer: chunk t is due once it has been fully heard, at
+(t+1)*chunk_s, but is still used if it arrives up to `jitter_buffer_s` later; only a chunk
+that has not arrived by then (lost, or too late) becomes silence, reported as an event.
+
+Inputs are checked before a session starts: audio by `tml_jax.audio.io.check_wav` (rate,
+NaN/Inf, float PCM at the integer scale), video by `check_frames` (uint8 RGB, one frame per
+chunk at most). A 16 kHz mono int16 file is read lazily (memory-mapped), so an hour of input
+costs no memory.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import wave
+
+import numpy as np
+import scipy.io.wavfile
+
+from tml_jax.audio import io
+
+
+class OfflineClock:
+  """Conversation time = chunk index * chunk_s; never sleeps."""
+  live = False
+
+  def __init__(self, chunk_s: float):
+    self.chunk_s, self.t = chunk_s, 0
+
+  def start(self):
+    self.t = 0
+
+  def wait_for_chunk(self, t: int):
+    self.t = t
+
+  def wait_until(self, s: float):
+    del s
+
+  def now_s(self) -> float:
+    return self.t * self.chunk_s
+
+
+class LiveClock:
+  """Wall clock since `start`, `speed` times faster than real time (1.0 = real time; tests
+  use more). Chunk t is processed once it has been fully heard, at (t+1)*chunk_s.
+
+  Catch-up policy: every micro-turn runs, in order (the model's clock is the chunk index;
+  skipping one would shift SELF_AUDIO and positions against training). When a step ends
+  after the next chunk was due, the next one starts at once, with no sleep, until the
+  engine is back on schedule; each chunk's lag behind its schedule goes into latency.json.
+  """
+  live = True
+
+  def __init__(self, chunk_s: float, speed: float = 1.0):
+    self.chunk_s, self.speed, self.t0 = chunk_s, speed, None
+
+  def start(self):
+    self.t0 = time.perf_counter()
+
+  def now_s(self) -> float:
+    return (time.perf_counter() - self.t0) * self.speed
+
+  def wait_until(self, s: float):
+    delay = (s - self.now_s()) / self.speed
+    if delay > 0:
+      time.sleep(delay)
+
+  def wait_for_chunk(self, t: int):
+    self.wait_until((t + 1) * self.chunk_s)
+
+
+class RecordedInput:
+  """A recording played as a stream: chunk t arrives at (t+1)*chunk_s + jitter; `drop`
+  loses chunks at random (both simulate a network in live mode; offline ignores arrival).
+  `wav_N` may be float audio or a memory-mapped int16 file: chunks are read when used."""
+
+  def __init__(self, wav_N: np.ndarray, chunk_samples: int, *, chunk_s: float,
+               jitter_s: float = 0.0, drop: float = 0.0, seed: int = 0, frames=None,
+               jitter_buffer_s: float = 0.0):
+    self.wav, self.S, self.chunk_s = wav_N, chunk_samples, chunk_s
+    self.num_samples = wav_N.shape[0]
+    self.num_chunks = -(-self.num_samples // chunk_samples)
+    self.jitter_buffer_s = jitter_buffer_s
+    rng = np.random.default_rng(seed)
+    self.arrival_s = (np.arange(1, self.num_chunks + 1) * chunk_s
+                      + rng.uniform(0, jitter_s, self.num_chunks))
+    self.dropped = rng.random(self.num_chunks) < drop
+    self.frames = check_frames(frames, self.num_chunks)
+
+  def chunk(self, t: int) -> np.ndarray:
+    out = np.zeros(self.S, np.float32)
+    piece = io.to_float(np.asarray(self.wav[t * self.S:(t + 1) * self.S]))
+    out[:piece.size] = piece
+    return out
+
+  def get(self, t: int, clock) -> tuple[np.ndarray | None, float]:
+    """(chunk t's audio or None when lost or later than the jitter buffer, seconds waited
+    for it past its due time)."""
+    if not clock.live:
+      return self.chunk(t), 0.0
+    due = (t + 1) * self.chunk_s
+    deadline = due + self.jitter_buffer_s
+    arrives = np.inf if self.dropped[t] else float(self.arrival_s[t])
+    now = clock.now_s()
+    if arrives > now:
+      clock.wait_until(min(arrives, deadline))
+    waited = max(0.0, min(arrives, deadline) - max(now, due)) if arrives > now else 0.0
+    return (self.chunk(t) if arrives <= deadline else None), waited
+
+  def frame(self, t: int):
+    if self.frames is None or t >= len(self.frames):
+      return None
+    return self.frames[t]
+
+
+def check_frames(frames, num_chunks: int):
+  """Video frames as uint8 [N, H, W, 3], N <= num_chunks (one per 200 ms chunk; a video that
+  ends early leaves the later chunks without a frame), or a ValueError naming the fix."""
+  if frames is None:
+    return None
+  frames = np.asarray(frames)
+  if frames.ndim != 4 or frames.shape[-1] != 3:
+    raise ValueError(f"video frames have shape {frames.shape}; expected [N, H, W, 3] RGB, one "
+                     "frame per 200 ms chunk (a single frame is frames[None]).")
+  if frames.dtype != np.uint8:
+    hint = ("np.clip(frames * 255, 0, 255).astype(np.uint8)"
+            if np.issubdtype(frames.dtype, np.floating) else "frames.astype(np.uint8)")
+    raise ValueError(f"video frames have dtype {frames.dtype}; expected uint8 RGB in [0, 255]. "
+                     f"Convert them, e.g. {hint}.")
+  if len(frames) > num_chunks:
+    raise ValueError(
+        f"{len(frames)} video frames for {num_chunks} chunks of audio: one frame per 200 ms "
+        f"chunk is expected (5 fps); subsample the video (e.g. frames[::6] for 30 fps) or "
+        "check that the audio is complete.")
+  return frames
+
+
+def _wav_header(path: str):
+  try:
+    with wave.open(path, "rb") as w:
+      return w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
+  except (wave.Error, EOFError, OSError):
+    return None
+
+
+def open_wav(path: str, sample_rate: int = io.SAMPLE_RATE) -> np.ndarray:
+  """A wav as the engine's input: memory-mapped when it is mono int16 PCM at `sample_rate`
+  (read as it is played), else loaded, checked and resampled as a whole."""
+  head = _wav_header(path) if os.path.exists(path) else None
+  if head is not None and head[:3] == (1, 2, sample_rate) and head[3] > 0:
+    rate, pcm = scipy.io.wavfile.read(path, mmap=True)
+    if rate == sample_rate and pcm.ndim == 1 and pcm.dtype == np.int16:
+      return pcm
+  wav, rate = io.load_wav(path)  # integer PCM comes back scaled to [-1, 1)
+  wav_N = io.check_wav(wav, rate, name=path)
+  io.check_float_scale(wav, wav_N, path)
+  return wav_N
+
+
+def load_input(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+  """A 16 kHz wav, or a Full-Duplex-Bench sample folder (input.wav, optional video.npy
+  [T, H, W, 3] or frames/*.png|jpg, one frame per chunk). NaN/Inf or unusable rates fail."""
+  frames = None
+  if os.path.isdir(path):
+    wav_path = os.path.join(path, "input.wav")
+    if not os.path.exists(wav_path):
+      raise FileNotFoundError(f"{path!r} is a folder without input.wav; pass a 16 kHz wav or a "
+                              "Full-Duplex-Bench sample folder (input.wav + optional frames).")
+    if os.path.exists(os.path.join(path, "video.npy")):
+      frames = np.load(os.path.join(path, "video.npy"))
+    elif os.path.isdir(os.path.join(path, "frames")):
+      from PIL import Image
+      d = os.path.join(path, "frames")
+      names = sorted(n for n in os.listdir(d) if n.lower().endswith((".png", ".jpg", ".jpeg")))
+      frames = np.stack([np.asarray(Image.open(os.path.join(d, n)).convert("RGB"))
+                         for n in names]) if names else None
+  else:
+    wav_path = path
+  return open_wav(wav_path), frames
