@@ -4,7 +4,7 @@ r"""Memory over a long offline session: the engine run from a wav file on disk f
   python benchmarks/long_session.py --minutes=10                       # tiny, random weights
 
 Writes a speech-like input of --minutes to a temporary 16 kHz int16 wav, runs it through
-`Engine.run_file` (the input memory-mapped, output.wav streamed to disk) and samples the
+`Engine.run_file` (the input read chunk by chunk, output.wav streamed) and samples the
 process's resident memory (RSS) every simulated minute. Prints RSS at 1, 5, 30 and 60 min
 (those reached), the growth per hour, and writes the samples to --out/long_session.json.
 """

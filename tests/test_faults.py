@@ -199,7 +199,7 @@ def _rss_mb() -> float:
 
 
 def test_ten_minute_session_memory_stays_flat(engine, tmp_path):
-  """3000 micro-turns from a file on disk (memory-mapped), output.wav streamed to disk."""
+  """3000 micro-turns from a file on disk (read chunk by chunk), output.wav streamed to disk."""
   rng = np.random.default_rng(0)
   n = 16000 * 600
   path = tmp_path / "long.wav"
@@ -218,7 +218,7 @@ def test_ten_minute_session_memory_stays_flat(engine, tmp_path):
     engine.stream.step = real_step
   assert res["num_chunks"] == 3000 and len(rss) == 6
   # After the first 100 s, growth is bookkeeping only (a record per chunk): a few MB.
-  assert rss[-1] - rss[1] < 25, rss
+  assert rss[-1] - rss[1] < 10, rss
   out, _ = io.load_wav(tmp_path / "out" / "output.wav")
   assert out.shape == (n,)
 
@@ -262,3 +262,50 @@ def test_a_late_start_gives_the_same_micro_turns(engine, rng):
 def nnx_model(engine):
   from flax import nnx
   return nnx.merge(engine.stream.graphdef, engine.stream.state)
+
+
+def test_engine_warns_and_reports_when_it_falls_back_to_an_older_checkpoint(tmp_path, caplog):
+  import logging
+  import os
+
+  import orbax.checkpoint as ocp
+  from tml_jax.train import sharding as shd
+  from tml_jax.train.checkpoint import Checkpointer
+  from tml_jax.train.state import Setup
+  config = get_config("tiny,smoke")
+  w = str(tmp_path)
+  with open(os.path.join(w, "config.json"), "w") as f:
+    f.write(config.to_json(indent=1))
+  setup = Setup(config, shd.make_mesh(config))
+  ckpt = Checkpointer(w, keep=3, async_save=False)
+  for step in (4, 6):
+    ckpt.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(setup.init())))
+  ckpt.close()
+  # A transient read error is retried, not taken for damage.
+  from tml_jax.train import checkpoint as ckpt_lib
+  real_restore, failures = ocp.CheckpointManager.restore, []
+
+  def flaky(self, *a, **kw):
+    if not failures:
+      failures.append(1)
+      raise OSError(5, "Input/output error (transient)")
+    return real_restore(self, *a, **kw)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(ocp.CheckpointManager, "restore", flaky)
+    mp.setattr(ckpt_lib, "RETRY_PAUSES_S", (0.01,))
+    eng = Engine.from_workdir(w, warmup=False)
+  assert failures and eng.step == 6 and eng.skipped_checkpoints == []
+  for root, _, files in os.walk(os.path.join(w, "checkpoints", "6", "state")):
+    for name in files:  # the newest is damaged: truncated files
+      with open(os.path.join(root, name), "r+b") as f:
+        f.truncate(max(os.path.getsize(f.name) // 3, 1))
+  with caplog.at_level(logging.WARNING):
+    eng = Engine.from_workdir(w, warmup=False)
+  assert eng.step == 4 and [k["step"] for k in eng.skipped_checkpoints] == [6]
+  assert any("OLDER checkpoint step 4" in r.getMessage() for r in caplog.records)
+  from tml_jax.eval import report
+  text = report.table({"models": {"model": {"checkpoint_step": 4, "skipped_checkpoints":
+                                            eng.skipped_checkpoints}},
+                       "systems": {}, "monologue": {}})
+  assert "checkpoint step 4 (older" in text

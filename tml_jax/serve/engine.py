@@ -25,7 +25,7 @@ import numpy as np
 from tml_jax.audio import dmel, io, vocoder
 from tml_jax.microturn import ChunkLayout, TextFifo
 from tml_jax.serve import outputs
-from tml_jax.serve.inputs import LiveClock, OfflineClock, RecordedInput, load_input
+from tml_jax.serve.inputs import LiveClock, OfflineClock, RecordedInput, WavFile, load_input
 from tml_jax.serve.stream import StreamingModel, serving_config
 from tml_jax.serve.worker import BackgroundWorker, ModelGenerator
 from tml_jax.text import tokenizer as tok
@@ -147,11 +147,11 @@ class Engine:
               delegate_at_s=(), text_at_s=(), seed: int | None = None) -> dict:
     """Runs a whole conversation; writes the outputs to `out_dir` when given.
 
-    wav_N: float audio at 16 kHz (checked), or a memory-mapped int16 file (`open_wav`).
+    wav_N: float audio at 16 kHz (checked), or a `WavFile` read as it plays (`open_wav`).
     delegate_at_s: conversation times at which to delegate as if the model had emitted
     DELEGATE (demos and tests); text_at_s: (time_s, text) typed into TEXT_IN.
     """
-    if not (isinstance(wav_N, np.memmap) and wav_N.dtype == np.int16 and wav_N.ndim == 1):
+    if not isinstance(wav_N, WavFile):
       raw = wav_N
       wav_N = io.check_wav(wav_N, self.config.layout.sample_rate, name="input audio")
       io.check_float_scale(raw, wav_N, "input audio")
@@ -185,7 +185,11 @@ class Engine:
 
   def run_file(self, input_path: str, out_dir: str, **kw) -> dict:
     wav_N, frames = load_input(input_path)
-    return self.run_wav(wav_N, out_dir, frames=frames, **kw)
+    try:
+      return self.run_wav(wav_N, out_dir, frames=frames, **kw)
+    finally:
+      if isinstance(wav_N, WavFile):
+        wav_N.close()
 
   def _video(self, frame):
     lay, m = self.lay, self.config.model

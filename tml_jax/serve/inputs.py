@@ -6,8 +6,8 @@ that has not arrived by then (lost, or too late) becomes silence, reported as an
 
 Inputs are checked before a session starts: audio by `tml_jax.audio.io.check_wav` (rate,
 NaN/Inf, float PCM at the integer scale), video by `check_frames` (uint8 RGB, one frame per
-chunk at most). A 16 kHz mono int16 file is read lazily (memory-mapped), so an hour of input
-costs no memory.
+chunk at most). A 16 kHz mono int16 file is read chunk by chunk (`WavFile`), so an hour of
+input costs no memory.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import time
 import wave
 
 import numpy as np
-import scipy.io.wavfile
 
 from tml_jax.audio import io
 
@@ -74,7 +73,7 @@ class LiveClock:
 class RecordedInput:
   """A recording played as a stream: chunk t arrives at (t+1)*chunk_s + jitter; `drop`
   loses chunks at random (both simulate a network in live mode; offline ignores arrival).
-  `wav_N` may be float audio or a memory-mapped int16 file: chunks are read when used."""
+  `wav_N` may be float audio or a `WavFile`: chunks are read when used."""
 
   def __init__(self, wav_N: np.ndarray, chunk_samples: int, *, chunk_s: float,
                jitter_s: float = 0.0, drop: float = 0.0, seed: int = 0, frames=None,
@@ -145,14 +144,34 @@ def _wav_header(path: str):
     return None
 
 
-def open_wav(path: str, sample_rate: int = io.SAMPLE_RATE) -> np.ndarray:
-  """A wav as the engine's input: memory-mapped when it is mono int16 PCM at `sample_rate`
-  (read as it is played), else loaded, checked and resampled as a whole."""
+class WavFile:
+  """A mono int16 wav read piece by piece (`wav[a:b]`), as the engine plays it: memory holds
+  one chunk, not the recording. (A memory map would do, but its pages stay resident: an
+  hour of input would add 115 MB to the process's RSS.)"""
+  dtype, ndim = np.dtype(np.int16), 1
+
+  def __init__(self, path: str):
+    self.path = path
+    self._f = wave.open(path, "rb")
+    self.shape = (self._f.getnframes(),)
+
+  def __getitem__(self, piece: slice) -> np.ndarray:
+    start, stop, _ = piece.indices(self.shape[0])
+    if stop <= start:
+      return np.zeros(0, np.int16)
+    self._f.setpos(start)
+    return np.frombuffer(self._f.readframes(stop - start), "<i2")
+
+  def close(self):
+    self._f.close()
+
+
+def open_wav(path: str, sample_rate: int = io.SAMPLE_RATE):
+  """A wav as the engine's input: a `WavFile` read as it is played when it is mono int16
+  PCM at `sample_rate`, else the samples loaded, checked and resampled as a whole."""
   head = _wav_header(path) if os.path.exists(path) else None
   if head is not None and head[:3] == (1, 2, sample_rate) and head[3] > 0:
-    rate, pcm = scipy.io.wavfile.read(path, mmap=True)
-    if rate == sample_rate and pcm.ndim == 1 and pcm.dtype == np.int16:
-      return pcm
+    return WavFile(path)
   wav, rate = io.load_wav(path)  # integer PCM comes back scaled to [-1, 1)
   wav_N = io.check_wav(wav, rate, name=path)
   io.check_float_scale(wav, wav_N, path)

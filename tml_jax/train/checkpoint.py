@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 
 import orbax.checkpoint as ocp
 
@@ -29,6 +30,26 @@ def checkpoint_dir(workdir: str) -> str:
 
 class ConfigMismatchError(ValueError):
   """The saved run's parameters do not match the config's model."""
+
+
+RETRY_PAUSES_S = (0.5, 2.0)  # a read that fails is tried again after these pauses
+
+
+def restore_with_retry(restore, step: int, *, pauses=None):
+  """`restore()`, tried again after each pause when it raises: a transient read error (a
+  network filesystem, a busy disk) must not get a good checkpoint declared damaged. The last
+  error is raised when every try fails."""
+  pauses = RETRY_PAUSES_S if pauses is None else pauses
+  for i, pause in enumerate((*pauses, None)):
+    try:
+      return restore()
+    except Exception as e:  # orbax/tensorstore raise many types; we cannot tell them apart
+      if pause is None:
+        raise
+      logging.warning("restoring checkpoint step %d failed (%s: %s); trying again in %.1f s "
+                      "(%d of %d)", step, type(e).__name__, str(e)[:200], pause, i + 2,
+                      len(pauses) + 1)
+      time.sleep(pause)
 
 
 class Checkpointer:
@@ -79,9 +100,9 @@ class Checkpointer:
             "trained with (its config.json; e.g. --config.model.speak_gate=False for runs "
             "saved before the speak gate existed), or use a new --workdir.")
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
+        restored = restore_with_retry(lambda: self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iter)))
+            data=grain.checkpoint.CheckpointRestore(data_iter))), step)
       except Exception as e:  # orbax raises many types for damaged files; all mean "unusable"
         restored = self._restore_state_only(step, abstract_state, e)
         if restored is None:
@@ -190,7 +211,7 @@ def _restore_params(manager, ckpt_dir: str, workdir: str, abstract_params, step,
       skipped.append(dict(step=int(s), error=mismatch))
       continue
     try:
-      params = manager.restore(s, args=args)["state"]["params"]
+      params = restore_with_retry(lambda: manager.restore(s, args=args), s)["state"]["params"]
     except Exception as e:  # orbax raises many types for damaged or mismatched files
       errors.append(f"step {s}: {type(e).__name__}: {str(e)[:300]}")
       skipped.append(dict(step=int(s), error=f"{type(e).__name__}: {str(e)[:300]}"))
