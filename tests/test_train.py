@@ -127,6 +127,44 @@ def test_corrupt_latest_checkpoint_falls_back(smoke_corpus, reference_run, tmp_p
   assert f"resumed from step {previous}" in out
 
 
+def _snapshot(root):
+  out = {}
+  for d, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(d, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, root)] = f.read()
+  return out
+
+
+def test_config_mismatch_rerun_exits_nonzero_and_touches_nothing(smoke_corpus, reference_run,
+                                                                 tmp_path):
+  import shutil
+  _, overrides = smoke_corpus
+  workdir = str(tmp_path / "rerun")
+  shutil.copytree(reference_run, workdir)
+  before = _snapshot(workdir)
+  p = run_train(workdir, overrides, "--config.train.num_steps=10",
+                "--config.model.speak_gate=False", check=False)
+  assert p.returncode != 0
+  assert "speak_" in p.stdout + p.stderr and "Nothing was changed" in p.stdout + p.stderr
+  assert _snapshot(workdir) == before  # config.json, checkpoints, metrics: byte-identical
+
+
+def test_quarantine_never_deletes(tmp_path):
+  """A second quarantine of the same step number keeps the first copy."""
+  from tml_jax.train.checkpoint import Checkpointer
+  ckpt = Checkpointer(str(tmp_path), keep=2, async_save=False)
+  for n, content in enumerate((b"first damaged copy", b"second damaged copy")):
+    os.makedirs(tmp_path / "checkpoints" / "5", exist_ok=True)
+    (tmp_path / "checkpoints" / "5" / "data").write_bytes(content)
+    ckpt._quarantine([5])
+    assert not (tmp_path / "checkpoints" / "5").exists()
+  ckpt.close()
+  kept = {p.parent.name: p.read_bytes() for p in (tmp_path / "checkpoints_corrupt").rglob("data")}
+  assert kept == {"5": b"first damaged copy", "5.1": b"second damaged copy"}
+
+
 def test_injected_nan_stops_with_a_checkpoint(smoke_corpus, tmp_path):
   _, overrides = smoke_corpus
   workdir = str(tmp_path / "nan")
