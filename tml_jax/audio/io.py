@@ -121,6 +121,11 @@ def load_wav(path) -> tuple[np.ndarray, int]:
   return to_float(wav), int(sample_rate)
 
 
+def to_pcm16(wav: np.ndarray) -> np.ndarray:
+  """Float audio -> int16 PCM, rounded, clipped to the format's range."""
+  return np.clip(np.round(wav.astype(np.float64) * 2.0**15), -2**15, 2**15 - 1).astype(np.int16)
+
+
 def save_wav(path, wav, sample_rate: int = SAMPLE_RATE) -> None:
   """Writes 16-bit PCM. Samples outside [-1, 1) are clipped (the format cannot hold them)."""
   wav = to_float(wav)
@@ -128,5 +133,4 @@ def save_wav(path, wav, sample_rate: int = SAMPLE_RATE) -> None:
     raise ValueError(f"cannot save audio of shape {wav.shape}; expected [N] or [N, C], N > 0.")
   if not np.isfinite(wav).all():
     raise ValueError(f"audio to save has {int((~np.isfinite(wav)).sum())} NaN/Inf samples.")
-  pcm = np.clip(np.round(wav.astype(np.float64) * 2.0**15), -2**15, 2**15 - 1).astype(np.int16)
-  scipy.io.wavfile.write(os.fspath(path), int(sample_rate), pcm)
+  scipy.io.wavfile.write(os.fspath(path), int(sample_rate), to_pcm16(wav))

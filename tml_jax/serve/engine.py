@@ -221,7 +221,7 @@ class Engine:
         events.append(dict(kind="input_missing", time_s=round(now, 3), chunk=t,
                            jitter_buffer_ms=round(self.jitter_buffer_s * 1e3, 1)))
         audio = np.zeros(self.chunk_samples, np.float32)
-      if t == len(source.frames if source.frames is not None else ()) and t:
+      if source.frames is not None and t == len(source.frames) > 0:
         events.append(dict(kind="video_ended", time_s=round(now, 3), chunk=t))
       t0 = time.perf_counter()
       video, video_valid = self._video(source.frame(t))

@@ -32,11 +32,6 @@ def aligned_audio(out_audio_CxS: np.ndarray, num_samples: int) -> np.ndarray:
   return wav[:num_samples]
 
 
-def _pcm16(wav: np.ndarray) -> bytes:
-  return np.clip(np.round(wav.astype(np.float64) * 2.0**15), -2**15, 2**15 - 1).astype(
-      "<i2").tobytes()
-
-
 class AudioSink:
   """What the engine plays, chunk by chunk, aligned as the module docstring says.
 
@@ -62,7 +57,7 @@ class AudioSink:
   def _emit(self, wav: np.ndarray):
     n = min(wav.size, self.num_samples - self._written)
     if n > 0:
-      self._wav.writeframes(_pcm16(wav[:n]))
+      self._wav.writeframes(io.to_pcm16(wav[:n]).astype("<i2").tobytes())
       self._written += n
 
   def write(self, t: int, played_S: np.ndarray, heard_S: np.ndarray):
