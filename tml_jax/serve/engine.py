@@ -9,44 +9,36 @@ Every micro-turn t (chunk t covers [t*200 ms, (t+1)*200 ms)):
   3. one jitted step (`serve.stream`): prefill, text decode, audio queries, flow head;
   4. vocode the chunk's mel frames -> 3200 samples, played during chunk t+1;
   5. a DELEGATE in the text hands the context to the background worker (never waited on).
-Live and offline runs share this loop; only the clock and the input source differ.
+Steps 2-5 are `session.Session.step`, the one micro-turn every driver shares: the offline and
+live loops here (which differ only in the clock and the input source) and the web server's
+sessions (`tml_jax.serve.web`, live microphone input over a WebSocket).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import time
 
 import jax
 import numpy as np
 
 from tml_jax.audio import dmel, io, vocoder
-from tml_jax.microturn import ChunkLayout, TextFifo
+from tml_jax.microturn import ChunkLayout
 from tml_jax.serve import outputs
 from tml_jax.serve.inputs import LiveClock, OfflineClock, RecordedInput, WavFile, load_input
+from tml_jax.serve.session import ChunkRecord, Session
 from tml_jax.serve.stream import StreamingModel, serving_config
-from tml_jax.serve.worker import BackgroundWorker, ModelGenerator
+from tml_jax.serve.worker import ModelGenerator
 from tml_jax.text import tokenizer as tok
-from tml_jax.tools import ToolBox, ToolContext
 from tml_jax.vision import patches as patch_lib
+
+__all__ = ["ChunkRecord", "DEFAULT_CONFIG", "Engine", "Session", "calibrated_threshold",
+           "load_config"]
 
 DEFAULT_CONFIG = "configs/interaction.py:tiny"
 
 
 # ----------------------------------------------------------------------------- engine
-
-@dataclasses.dataclass
-class ChunkRecord:
-  t: int
-  compute_ms: float
-  tokens: list
-  user_missing: bool
-  p_speak: float = 1.0   # the speak gate's P(speak in chunk t+1); 1 without a gate
-  lag_ms: float = 0.0    # live: how late the step started after its chunk was due
-  input_wait_ms: float = 0.0  # live: time spent in the jitter buffer waiting for the input
-
 
 class Engine:
   """Loads a model once; `run_file` / `run_wav` run a whole conversation through it."""
@@ -155,30 +147,20 @@ class Engine:
       raw = wav_N
       wav_N = io.check_wav(wav_N, self.config.layout.sample_rate, name="input audio")
       io.check_float_scale(raw, wav_N, "input audio")
-    seed = self.seed if seed is None else seed
     source = RecordedInput(wav_N, self.chunk_samples, chunk_s=self.chunk_s, jitter_s=jitter_s,
-                           drop=drop, seed=seed, frames=frames,
+                           drop=drop, seed=self.seed if seed is None else seed, frames=frames,
                            jitter_buffer_s=self.jitter_buffer_s)
     clock = LiveClock(self.chunk_s, speed) if live else OfflineClock(self.chunk_s)
-    if out_dir:
-      os.makedirs(out_dir, exist_ok=True)
-    sink = outputs.AudioSink(source.num_samples, self.chunk_samples,
-                             os.path.join(out_dir, "output.wav") if out_dir else None)
-    ctx = ToolContext(now_s=clock.now_s, out_dir=out_dir)
-    worker = BackgroundWorker(self.generate, ToolBox(self.tools, ctx,
-                                                     timeout_s=self.tool_timeout_s),
-                              max_pending=self.max_pending)
+    session = Session(self, clock, out_dir=out_dir, num_samples=source.num_samples, seed=seed,
+                      text_at=text_at_s)
     # The vocoder's small float64 matmuls slow down ~50x when BLAS threads fight the XLA
     # threads (and other jobs) for cores; one BLAS thread is fastest at these sizes.
     try:
       with _blas_threads(1):
-        res = self._loop(source, clock, worker, ctx, sink, seed, sorted(delegate_at_s),
-                         sorted(text_at_s))
+        self._loop(session, source, clock, sorted(delegate_at_s))
     finally:
-      worker.close()
-      sink.close()
-    res.update(live=live, out_audio=sink.chunks, user_rms=sink.user_rms, model_rms=sink.rms,
-               num_samples=source.num_samples)
+      res = session.close()
+    res.update(live=live, num_samples=source.num_samples)
     if out_dir:
       res["files"] = outputs.write_all(out_dir, res, self.chunk_s)
     return res
@@ -200,108 +182,21 @@ class Engine:
     f = patch_lib.resize_frame(np.asarray(frame, np.uint8), tuple(self.config.layout.video_size))
     return patch_lib.patchify(f, m.patch_size)[None, None], True
 
-  def _loop(self, source, clock, worker, ctx, sink, seed, delegate_at, text_at) -> dict:
-    """One conversation: per micro-turn, gather text, observe, step, vocode, delegate."""
-    lay, C, sm = self.lay, source.num_chunks, self.stream
-    sm.reset()
-    user_dm, self_dm = dmel.DMelStream(lay.user_audio), dmel.DMelStream(lay.self_audio)
-    fifo = TextFifo(lay.text_in, capacity=self.text_in_capacity)
-    played = np.zeros(self.chunk_samples, np.float32)
-    events, records = [], []
-    key = jax.random.key(seed)
+  def _loop(self, session: Session, source, clock, delegate_at: list):
+    """A recorded conversation, chunk by chunk: wait for the clock and the input, step."""
     clock.start()
-    for t in range(C):
+    for t in range(source.num_chunks):
       clock.wait_for_chunk(t)
-      now = t * self.chunk_s  # conversation time at the start of chunk t
       lag_ms = max(0.0, clock.now_s() - (t + 1) * self.chunk_s) * 1e3 if clock.live else 0.0
-      self._gather_text(fifo, events, worker, ctx, text_at, now, offline=not clock.live)
       audio, waited_s = source.get(t, clock)
-      missing = audio is None
-      if missing:
-        events.append(dict(kind="input_missing", time_s=round(now, 3), chunk=t,
-                           jitter_buffer_ms=round(self.jitter_buffer_s * 1e3, 1)))
-        audio = np.zeros(self.chunk_samples, np.float32)
       if source.frames is not None and t == len(source.frames) > 0:
-        events.append(dict(kind="video_ended", time_s=round(now, 3), chunk=t))
-      t0 = time.perf_counter()
-      video, video_valid = self._video(source.frame(t))
-      obs = dict(user_dmel=user_dm.push_tokens(audio)[None, None],
-                 self_dmel=self_dm.push_tokens(played)[None, None],
-                 text_in=fifo.take()[None, None], video_valid=np.bool_(video_valid))
-      if video is not None:
-        obs["video"] = video
-      out = sm.step(obs, rng=jax.random.fold_in(key, t), temperature=self.temperature)
-      tokens = np.asarray(out["tokens"]).tolist()
-      wav = vocoder.vocode(np.asarray(out["mel"]), n_iter=self.gl_iters)[:self.chunk_samples]
-      bad = ~np.isfinite(wav)
-      if bad.any():  # reported, then played as silence where it is not a number
-        events.append(dict(kind="vocoder_nonfinite", time_s=round(now, 3), chunk=t,
-                           samples=int(bad.sum()),
-                           mel_nonfinite=int((~np.isfinite(np.asarray(out["mel"]))).sum())))
-        wav = np.where(bad, 0.0, wav)
-      played = np.clip(wav, -1.0, 1.0).astype(np.float32)
-      sink.write(t, played, audio)
-      records.append(ChunkRecord(t, (time.perf_counter() - t0) * 1e3, tokens, missing,
-                                 float(out["p_speak"]), round(lag_ms, 3),
-                                 round(waited_s * 1e3, 3)))
-      forced = bool(delegate_at) and delegate_at[0] <= now + 1e-9
+        session.events.append(dict(kind="video_ended", time_s=round(t * self.chunk_s, 3),
+                                   chunk=t))
+      forced = bool(delegate_at) and delegate_at[0] <= t * self.chunk_s + 1e-9
       if forced:
         delegate_at.pop(0)
-      if forced or tok.DELEGATE in tokens:
-        self._delegate(worker, events, sm, t, forced=tok.DELEGATE not in tokens)
-    closed = worker.close()  # queued jobs cancelled, the running one joined: nothing leaks
-    events.append(dict(kind="end", time_s=round(C * self.chunk_s, 3),
-                       pending_background_jobs=len(worker.pending),
-                       cancelled_background_jobs=closed["cancelled"],
-                       abandoned_background_job=closed["abandoned"],
-                       text_in_dropped_tokens=fifo.dropped))
-    return dict(records=records, events=events, num_chunks=C, cache_bytes=sm.cache_nbytes())
-
-  def _delegate(self, worker, events, sm, t: int, *, forced: bool):
-    """Hands chunk t's context to the worker: a new job, or coalesced into one still
-    queued, or dropped when `background.max_pending` jobs are outstanding."""
-    at = round((t + 1) * self.chunk_s, 3)
-    job, outcome = worker.submit(t, (t + 1) * self.chunk_s, sm.context)
-    if outcome == "submitted":
-      events.append(dict(kind="delegation", time_s=at, chunk=t, job=job.id, forced=forced))
-    elif outcome == "coalesced":
-      events.append(dict(kind="delegation_coalesced", time_s=at, chunk=t, job=job.id,
-                         forced=forced))
-    else:
-      events.append(dict(kind="delegation_dropped", time_s=at, chunk=t, forced=forced,
-                         outstanding=len(worker.pending), max_pending=worker.max_pending))
-
-  @staticmethod
-  def _gather_text(fifo: TextFifo, events: list, worker, ctx, text_at, now: float, *,
-                   offline: bool):
-    """Background answers, reminders and typed text due by `now` join the TEXT_IN queue;
-    past its capacity the oldest queued tokens are dropped, and that is reported.
-    (Offline, `poll` may wait for a job, bounded by its real-time budget: not micro-turn
-    time.)"""
-    enc = tok.ByteTokenizer().encode
-
-    def push(tokens, source: str):
-      dropped = fifo.push(tokens)
-      if dropped:
-        events.append(dict(kind="text_in_overflow", time_s=round(now, 3), source=source,
-                           dropped_tokens=dropped, capacity=fifo.capacity))
-
-    for job in worker.poll(now, offline=offline):
-      for e in job.events:  # `at_s`: when it happened on the job's conversation clock
-        at = e.pop("at_s", now)
-        events.append(dict(e, time_s=round(at, 3), job=job.id))
-      events.append(dict(kind="background_result", time_s=round(now, 3), job=job.id,
-                         text=job.answer, delegated_at_s=round(job.submit_s, 3),
-                         compute_s=round(job.compute_s, 3)))
-      push([tok.RESULT] + enc(job.answer), "background_result")
-    for r in ctx.reminders.due(now):
-      events.append(dict(kind="reminder", time_s=round(now, 3), due_s=round(r.due_s, 3),
-                         text=r.text))
-      push([tok.RESULT] + enc(f"reminder: {r.text}"), "reminder")
-    while text_at and text_at[0][0] <= now + 1e-9:
-      _, text = text_at.pop(0)
-      events.append(dict(kind="text_in", time_s=round(now, 3), text=text))
-      push([tok.RESULT] + enc(text), "text_in")
+      session.step(audio, frame=source.frame(t), lag_ms=lag_ms, waited_s=waited_s,
+                   delegate=forced)
 
 
 def _blas_threads(n: int):

@@ -38,15 +38,15 @@ class AudioSink:
   With `path`, output.wav (16 kHz mono int16) is written as the conversation runs and only
   per-chunk RMS stays in memory, so an hour costs kilobytes, not the 230 MB of its samples;
   without, the chunks are kept (`chunks`, [C, S]) for callers that want the audio itself.
+  `num_samples=None` (a live session of unknown length): the wav ends with the last chunk
+  heard, so it is as long as what was heard.
   """
 
-  def __init__(self, num_samples: int, chunk_samples: int, path: str | None = None,
+  def __init__(self, num_samples: int | None, chunk_samples: int, path: str | None = None,
                sample_rate: int = 16000):
     self.num_samples, self.S = num_samples, chunk_samples
-    C = -(-num_samples // chunk_samples)
-    self.rms, self.user_rms = np.zeros(C, np.float32), np.zeros(C, np.float32)
-    self.chunks = None if path else np.zeros((C, chunk_samples), np.float32)
-    self._wav, self._written = None, 0
+    self._rms, self._user_rms, self._chunks = [], [], None if path else []
+    self._wav, self._written, self._held = None, 0, None
     if path:
       self._wav = wave.open(path, "wb")
       self._wav.setnchannels(1)
@@ -54,54 +54,91 @@ class AudioSink:
       self._wav.setframerate(sample_rate)
       self._emit(np.zeros(chunk_samples, np.float32))  # chunk t plays during chunk t+1
 
+  @property
+  def rms(self) -> np.ndarray:
+    return np.asarray(self._rms, np.float32)
+
+  @property
+  def user_rms(self) -> np.ndarray:
+    return np.asarray(self._user_rms, np.float32)
+
+  @property
+  def chunks(self) -> np.ndarray | None:
+    if self._chunks is None:
+      return None
+    return np.asarray(self._chunks, np.float32).reshape(len(self._chunks), self.S)
+
   def _emit(self, wav: np.ndarray):
-    n = min(wav.size, self.num_samples - self._written)
+    limit = self.num_samples if self.num_samples is not None else np.inf
+    n = int(min(wav.size, limit - self._written))
     if n > 0:
       self._wav.writeframes(io.to_pcm16(wav[:n]).astype("<i2").tobytes())
       self._written += n
 
   def write(self, t: int, played_S: np.ndarray, heard_S: np.ndarray):
-    self.rms[t] = np.sqrt(np.mean(np.square(played_S, dtype=np.float64)))
-    self.user_rms[t] = np.sqrt(np.mean(np.square(heard_S, dtype=np.float64)))
-    if self.chunks is not None:
-      self.chunks[t] = played_S
-    if self._wav is not None:
-      self._emit(played_S)
+    if t != len(self._rms):
+      raise ValueError(f"AudioSink got chunk {t} after {len(self._rms)} chunks; chunks must "
+                       "come in order, one per micro-turn")
+    self._rms.append(np.sqrt(np.mean(np.square(played_S, dtype=np.float64))))
+    self._user_rms.append(np.sqrt(np.mean(np.square(heard_S, dtype=np.float64))))
+    if self._chunks is not None:
+      self._chunks.append(np.asarray(played_S, np.float32))
+    if self._wav is not None:  # one chunk held back: the last one plays after the input ends
+      if self._held is not None:
+        self._emit(self._held)
+      self._held = np.array(played_S, np.float32)
 
   def close(self):
-    if self._wav is not None:
+    if self._wav is None:
+      return
+    if self.num_samples is not None:
+      if self._held is not None:
+        self._emit(self._held)
       self._emit(np.zeros(max(0, self.num_samples - self._written), np.float32))
-      self._wav.close()
-      self._wav = None
+    self._wav.close()
+    self._wav = None
 
 
-def words(records, chunk_s: float) -> list[dict]:
-  """The model's text stream as words with [start_s, end_s] (see the module docstring)."""
-  out, buf, start = [], bytearray(), None
+class WordStream:
+  """The model's text stream cut into words as it is decoded (see the module docstring for
+  the timestamps): `push(t, tokens)` returns the words chunk t completed."""
 
-  def flush(end_t):
-    nonlocal buf, start
-    w = buf.decode("utf-8", errors="replace").strip()
-    if w:
-      out.append(dict(text=w, timestamp=[round((start + 1) * chunk_s, 3),
-                                         round((end_t + 2) * chunk_s, 3)]))
-    buf, start = bytearray(), None
+  def __init__(self, chunk_s: float):
+    self.chunk_s, self._buf, self._start = chunk_s, bytearray(), None
 
-  for r in records:
-    for i in r.tokens:
+  def _flush(self, end_t: int) -> list[dict]:
+    w = self._buf.decode("utf-8", errors="replace").strip()
+    out = [dict(text=w, timestamp=[round((self._start + 1) * self.chunk_s, 3),
+                                   round((end_t + 2) * self.chunk_s, 3)])] if w else []
+    self._buf, self._start = bytearray(), None
+    return out
+
+  def push(self, t: int, tokens) -> list[dict]:
+    out = []
+    for i in tokens:
       if i == tok.EOT:
         break
       if i >= 256:
         continue
       if i in (9, 10, 13, 32):  # ASCII whitespace ends a word
-        flush(r.t)
+        out += self._flush(t)
         continue
-      if start is None:
-        start = r.t
-      buf.append(i)
-  if buf:
-    flush(records[-1].t)
-  return out
+      if self._start is None:
+        self._start = t
+      self._buf.append(i)
+    return out
+
+  def finish(self, last_t: int) -> list[dict]:
+    """The word still open when the conversation ends."""
+    return self._flush(last_t) if self._buf else []
+
+
+def words(records, chunk_s: float) -> list[dict]:
+  """The model's text stream as words with [start_s, end_s] (see the module docstring)."""
+  stream, out = WordStream(chunk_s), []
+  for r in records:
+    out += stream.push(r.t, r.tokens)
+  return out + (stream.finish(records[-1].t) if records else [])
 
 
 def latency(records, chunk_s: float) -> dict:

@@ -11,6 +11,8 @@ swaps it for "grouped" (same parameters).
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,6 +61,13 @@ class StreamingModel:
   def reset(self):
     self.cache = init_cache(self.cfg)
     self.t = 0
+
+  def fork(self) -> "StreamingModel":
+    """Another conversation on the same parameters and compiled step, with its own cache
+    and clock (a server's sessions): nothing is copied or compiled again."""
+    other = copy.copy(self)
+    other.reset()
+    return other
 
   def step(self, obs: dict, *, forced_T=None, rng=None, temperature: float = 0.0) -> dict:
     lay = self.cfg.layout
