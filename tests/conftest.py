@@ -34,3 +34,24 @@ def smoke_corpus(tmp_path_factory):
                "--config.data.num_validation=2", "--config.data.num_test=2",
                "--config.data.conversation_s=6.0"]
   return config, overrides
+
+
+@pytest.fixture(scope="session")
+def random_workdir(tmp_path_factory):
+  """A trainer workdir as the trainer leaves it, of an untrained tiny model: config.json +
+  an orbax checkpoint at step 4."""
+  import orbax.checkpoint as ocp
+  from configs.interaction import get_config
+  from tml_jax.train import sharding as shd
+  from tml_jax.train.checkpoint import Checkpointer
+  from tml_jax.train.state import Setup
+  w = str(tmp_path_factory.mktemp("workdir"))
+  config = get_config("tiny,smoke")
+  config.seed = 3
+  with open(os.path.join(w, "config.json"), "w") as f:
+    f.write(config.to_json(indent=1))
+  setup = Setup(config, shd.make_mesh(config))
+  ckpt = Checkpointer(w, keep=1, async_save=False)
+  ckpt.manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave(setup.init())))
+  ckpt.close()
+  return w

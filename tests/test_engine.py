@@ -33,22 +33,8 @@ def ring_model():
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  """A trainer workdir as the trainer leaves it: config.json + an orbax checkpoint."""
-  import orbax.checkpoint as ocp
-  from tml_jax.train import sharding as shd
-  from tml_jax.train.checkpoint import Checkpointer
-  from tml_jax.train.state import Setup
-  w = str(tmp_path_factory.mktemp("workdir"))
-  config = get_config("tiny,smoke")
-  config.seed = 3
-  with open(os.path.join(w, "config.json"), "w") as f:
-    f.write(config.to_json(indent=1))
-  setup = Setup(config, shd.make_mesh(config))
-  ckpt = Checkpointer(w, keep=1, async_save=False)
-  ckpt.manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave(setup.init())))
-  ckpt.close()
-  return w
+def workdir(random_workdir):
+  return random_workdir
 
 
 @pytest.fixture(scope="module")

@@ -198,3 +198,83 @@ def load_input(path: str) -> tuple[np.ndarray, np.ndarray | None]:
   else:
     wav_path = path
   return open_wav(wav_path), frames
+
+
+class LiveInput:
+  """Microphone audio arriving over a network in frames of any length, re-chunked to
+  micro-turns on the wall clock (`now`, seconds), through the jitter buffer.
+
+  The stream's first sample was captured when the first frame arrived minus that frame's
+  duration (`t0`); chunk t = samples [t*S, (t+1)*S) is due at t0 + (t+1)*chunk_s, and is
+  ready when all of it has arrived or at its deadline, due + jitter_buffer_s, whichever
+  comes first. At the deadline the model hears what has arrived of it (the rest as silence,
+  counted as missing samples); samples that come after their chunk was taken are discarded
+  and counted as late, so the stream stays on the clock. A client more than `max_ahead_s`
+  ahead of the clock is refused the excess (ValueError).
+  """
+
+  def __init__(self, chunk_samples: int, *, chunk_s: float, jitter_buffer_s: float,
+               max_ahead_s: float = 30.0, now=time.perf_counter):
+    self.S, self.chunk_s, self.jitter_buffer_s = chunk_samples, chunk_s, jitter_buffer_s
+    self.sample_rate = chunk_samples / chunk_s
+    self.max_ahead_s, self.now = max_ahead_s, now
+    self.t0 = None
+    self._buf = bytearray()        # int16 samples from `_base` on
+    self._base = 0                 # stream index of _buf's first sample
+    self._taken = 0                # chunks handed to the model
+    self._complete_at: dict[int, float] = {}  # chunk -> wall time its last sample arrived
+    self.received_samples = self.late_samples = self.missing_samples = 0
+    self.arrival_lag_s: list[float] = []  # per complete chunk: arrival - due (< 0: early)
+
+  @property
+  def started(self) -> bool:
+    return self.t0 is not None
+
+  def push(self, pcm: bytes):
+    """One client frame: little-endian int16 mono at the stream's rate, any length."""
+    if len(pcm) % 2:
+      raise ValueError(f"an audio frame of {len(pcm)} bytes: 16-bit PCM frames hold an even "
+                       "number of bytes (2 per sample)")
+    now, n = self.now(), len(pcm) // 2
+    if self.t0 is None:
+      self.t0 = now - n / self.sample_rate
+    start = self.received_samples
+    ahead_s = (start + n) / self.sample_rate - (now - self.t0)
+    if ahead_s > self.max_ahead_s:
+      raise ValueError(f"the client is {ahead_s:.1f} s ahead of real time (at most "
+                       f"{self.max_ahead_s:.0f} s is buffered); send audio as it is captured")
+    self.received_samples += n
+    skip = max(0, self._taken * self.S - start)  # samples of chunks already taken: late
+    self.late_samples += min(skip, n)
+    if skip < n:
+      self._buf += pcm[2 * skip:]
+    end = self._base + len(self._buf) // 2
+    for t in range(self._taken, end // self.S):
+      self._complete_at.setdefault(t, now)
+
+  def due(self, t: int) -> float:
+    return self.t0 + (t + 1) * self.chunk_s
+
+  def ready_at(self, t: int) -> float:
+    """Wall time at which chunk t is ready: when it completed, else its deadline."""
+    return self._complete_at.get(t, self.due(t) + self.jitter_buffer_s)
+
+  def take(self, t: int) -> tuple[np.ndarray | None, int]:
+    """(chunk t as float [S] or None when nothing of it arrived, samples missing from it).
+    Chunks are taken in order, once each."""
+    if t != self._taken:
+      raise ValueError(f"chunk {t} taken after {self._taken} chunks: one at a time, in order")
+    have = min(self.S, len(self._buf) // 2)
+    audio = None
+    if have:
+      audio = np.zeros(self.S, np.float32)
+      audio[:have] = io.to_float(np.frombuffer(bytes(self._buf[:2 * have]), "<i2"))
+    del self._buf[:2 * have]
+    self._base += have
+    self._taken += 1
+    self._base = max(self._base, self._taken * self.S)  # a partial chunk's rest never comes
+    done = self._complete_at.pop(t, None)
+    if done is not None:
+      self.arrival_lag_s.append(done - self.due(t))
+    self.missing_samples += self.S - have
+    return audio, self.S - have

@@ -11,6 +11,7 @@ context and its background worker; `close` ends the worker and the output file.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import os
 import time
@@ -40,7 +41,8 @@ class ChunkRecord:
 @dataclasses.dataclass
 class StepOutput:
   """What micro-turn t made: `played` [S] float audio (heard during chunk t+1), the new
-  events, the words it completed and the bytes of text it decoded."""
+  events, the words it completed and the text it decoded (UTF-8 split across chunks is
+  joined)."""
   played: np.ndarray
   record: ChunkRecord
   events: list
@@ -71,6 +73,7 @@ class Session:
     self.key = jax.random.key(engine.seed if seed is None else seed)
     self.text_at = sorted(text_at)
     self.word_stream = outputs.WordStream(engine.chunk_s)
+    self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # text across chunks
     if out_dir:
       os.makedirs(out_dir, exist_ok=True)
     self.out_dir = out_dir
@@ -95,18 +98,23 @@ class Session:
     self.text_at.sort(key=lambda x: x[0])
 
   def step(self, audio: np.ndarray | None, *, frame=None, lag_ms: float = 0.0,
-           waited_s: float = 0.0, delegate: bool = False) -> StepOutput:
+           waited_s: float = 0.0, delegate: bool = False, missing_samples: int = 0
+           ) -> StepOutput:
     """Micro-turn `self.t`: `audio` [S] float is what was heard in it (None: lost, heard as
-    silence and reported); `delegate` forces a delegation at its end."""
+    silence and reported; `missing_samples` > 0: only part of it arrived in time, the rest
+    is silence, also reported); `delegate` forces a delegation at its end."""
     e, t = self.engine, self.t
     now = t * e.chunk_s  # conversation time at the start of chunk t
     n_events = len(self.events)
     self._gather_text(now)
-    missing = audio is None
+    missing = audio is None or missing_samples > 0
     if missing:
       self.events.append(dict(kind="input_missing", time_s=round(now, 3), chunk=t,
-                              jitter_buffer_ms=round(e.jitter_buffer_s * 1e3, 1)))
-      audio = np.zeros(e.chunk_samples, np.float32)
+                              jitter_buffer_ms=round(e.jitter_buffer_s * 1e3, 1),
+                              missing_samples=e.chunk_samples if audio is None
+                              else int(missing_samples)))
+      if audio is None:
+        audio = np.zeros(e.chunk_samples, np.float32)
     t0 = time.perf_counter()
     video, video_valid = e._video(frame)
     obs = dict(user_dmel=self.user_dm.push_tokens(audio)[None, None],
@@ -130,8 +138,8 @@ class Session:
     self.records.append(record)
     if delegate or tok.DELEGATE in tokens:
       self._delegate(t, forced=tok.DELEGATE not in tokens)
-    text = bytes(i for i in tokens[:tokens.index(tok.EOT) if tok.EOT in tokens else None]
-                 if i < 256).decode("utf-8", errors="replace")
+    text = self._utf8.decode(bytes(
+        i for i in tokens[:tokens.index(tok.EOT) if tok.EOT in tokens else None] if i < 256))
     return StepOutput(self.played, record, self.events[n_events:],
                       self.word_stream.push(t, tokens), text)
 
