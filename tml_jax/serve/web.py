@@ -45,7 +45,6 @@ import asyncio
 import collections
 import concurrent.futures
 import datetime
-import functools
 import json
 import os
 import re
@@ -162,11 +161,13 @@ class WebSession:
       for text in self.typed:
         sess.type_text(text)
       self.typed, delegate, self.delegate_next = [], self.delegate_next, False
-      start = time.perf_counter()
-      out = await loop.run_in_executor(
-          self.server.compute, functools.partial(
-              sess.step, audio, missing_samples=missing, delegate=delegate,
-              lag_ms=(start - ready) * 1e3, waited_s=max(0.0, ready - live.due(t))))
+      def step(audio=audio, missing=missing, delegate=delegate, ready=ready):
+        # Lag: from the chunk being ready to its step starting on the compute thread,
+        # which includes waiting behind other sessions' micro-turns.
+        return sess.step(audio, missing_samples=missing, delegate=delegate,
+                         lag_ms=(time.perf_counter() - ready) * 1e3,
+                         waited_s=max(0.0, ready - live.due(t)))
+      out = await loop.run_in_executor(self.server.compute, step)
       if self.ws.closed:
         break
       await self.ws.send_bytes(io.to_pcm16(out.played).astype("<i2").tobytes())
@@ -221,6 +222,9 @@ class WebSession:
                          p99=_pct(np.multiply(self.live.arrival_lag_s, 1e3), 99),
                          max=_pct(np.multiply(self.live.arrival_lag_s, 1e3), 100)),
                      jitter_buffer_ms=round(self.live.jitter_buffer_s * 1e3, 1),
+                     e2e_all_ms=[round(x, 2) for x in self.e2e_all],
+                     compute_all_ms=[round(r.compute_ms, 2) for r in res["records"]],
+                     lag_all_ms=[r.lag_ms for r in res["records"]],
                      latency=res["latency"])
       with open(os.path.join(self.out_dir, "session.json"), "w") as f:
         json.dump(summary, f, indent=1)
