@@ -297,10 +297,9 @@ def context_mask(meta: TokenMeta, chunk_BN, window: int | None):
 def render_mask_png(meta: TokenMeta, window: int | None, path: str, *, row: int = 0,
                     title: str | None = None) -> str:
   """Draw the mask of one batch row, coloured by the rule that opens each pair."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   from matplotlib.colors import ListedColormap
+  from matplotlib.figure import Figure  # no pyplot: a notebook's backend is left alone
+  from matplotlib.patches import Rectangle
 
   m = TokenMeta(*(np.asarray(f)[row:row + 1] for f in meta))
   allowed = np.asarray(microturn_mask(m, m, window))[0]
@@ -312,7 +311,8 @@ def render_mask_png(meta: TokenMeta, window: int | None, path: str, *, row: int 
   kind[allowed & (k_chunk == q_chunk) & ~is_observation(seg)[None, :]] = 3  # causal prediction
   kind[allowed & (seg == int(Segment.PREFIX))[None, :]] = 4  # prefix
   cmap = ListedColormap(["#ffffff", "#9ecae1", "#31a354", "#e6550d", "#756bb1"])
-  fig, ax = plt.subplots(figsize=(8, 8), dpi=120)
+  fig = Figure(figsize=(8, 8), dpi=120)
+  ax = fig.subplots()
   ax.imshow(kind, cmap=cmap, vmin=0, vmax=4, interpolation="nearest")
   bounds = np.flatnonzero(np.diff(chunk)) + 0.5
   for b in bounds:
@@ -321,10 +321,9 @@ def render_mask_png(meta: TokenMeta, window: int | None, path: str, *, row: int 
   ax.set_xlabel("key token")
   ax.set_ylabel("query token")
   names = ["masked", "earlier chunk", "same-chunk observation", "causal prediction", "prefix"]
-  handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(5)]
+  handles = [Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(5)]
   ax.legend(handles, names, loc="upper right", fontsize=7)
   ax.set_title(title or f"micro-turn mask, window={window} chunks, {len(chunk)} tokens")
   fig.tight_layout()
   fig.savefig(path)
-  plt.close(fig)
   return path

@@ -295,11 +295,11 @@ def markdown(result: dict, plots: list[str]) -> str:
 
 # ---- plots ----------------------------------------------------------------------------
 
-def _plt():
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
+def _figure(**kw):
+  """A Figure of its own, not pyplot's: a notebook's backend and inline plots are left
+  alone."""
+  from matplotlib.figure import Figure
+  return Figure(**kw)
 
 
 def plot_latencies(rows: list[dict], path: str) -> str | None:
@@ -311,8 +311,8 @@ def plot_latencies(rows: list[dict], path: str) -> str | None:
       data[(r["kind"], r["system"])].append(lat)
   if not any(data.values()):
     return None
-  plt = _plt()
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=110)
+  fig = _figure(figsize=(10, 3.4), dpi=110)
+  axes = fig.subplots(1, 2)
   bins = np.linspace(0, 4, 41)
   for ax, (k, title) in zip(axes, kinds):
     for (kk, name), xs in data.items():
@@ -326,7 +326,6 @@ def plot_latencies(rows: list[dict], path: str) -> str | None:
     ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path)
-  plt.close(fig)
   return path
 
 
@@ -336,8 +335,8 @@ def plot_task_bars(result: dict, path: str) -> str | None:
                   if isinstance(v, dict) and v.get("tor") is not None})
   if not names or not tasks:
     return None
-  plt = _plt()
-  fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(tasks)), 3.4), dpi=110)
+  fig = _figure(figsize=(max(6, 1.8 * len(tasks)), 3.4), dpi=110)
+  ax = fig.subplots()
   width = 0.8 / len(names)
   for i, n in enumerate(names):
     vals = [result["systems"][n].get(t, {}).get("tor") or 0.0 for t in tasks]
@@ -350,7 +349,6 @@ def plot_task_bars(result: dict, path: str) -> str | None:
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path)
-  plt.close(fig)
   return path
 
 
@@ -361,10 +359,10 @@ def plot_timeline(rows: list[dict], task: str, path: str) -> str | None:
     return None
   sample = mine[0]["sample"]
   mine = [r for r in mine if r["sample"] == sample]
-  plt = _plt()
   lanes = [("user (input.wav)", mine[0]["user_segs"])] + [(r["system"], r["segs"])
                                                            for r in mine]
-  fig, ax = plt.subplots(figsize=(10, 0.5 + 0.45 * len(lanes)), dpi=110)
+  fig = _figure(figsize=(10, 0.5 + 0.45 * len(lanes)), dpi=110)
+  ax = fig.subplots()
   for i, (label, segs) in enumerate(lanes):
     ax.broken_barh([(a, b - a) for a, b in segs], (len(lanes) - 1 - i - 0.35, 0.7),
                    color="tab:blue" if i == 0 else "tab:orange")
@@ -381,7 +379,6 @@ def plot_timeline(rows: list[dict], task: str, path: str) -> str | None:
   ax.set_title(f"{task} / sample {sample}", fontsize=9)
   fig.tight_layout()
   fig.savefig(path)
-  plt.close(fig)
   return path
 
 

@@ -23,12 +23,11 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def plot_curves(rows: list[dict], path: str) -> str:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure  # no pyplot: a notebook's backend is left alone
   keys = [("text", "text cross-entropy (nats)"), ("audio", "flow-matching loss"),
           ("balance", "MoE balance loss"), ("audio_l1", "sampled mel L1 (log10)")]
-  fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), dpi=110)
+  fig = Figure(figsize=(4 * len(keys), 3.2), dpi=110)
+  axes = fig.subplots(1, len(keys))
   for ax, (k, title) in zip(axes, keys):
     for prefix, style in (("", "-"), ("val_", "o-")):
       pts = [(r["step"], r[prefix + k]) for r in rows if prefix + k in r]
@@ -40,7 +39,6 @@ def plot_curves(rows: list[dict], path: str) -> str:
     ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path)
-  plt.close(fig)
   return path
 
 
