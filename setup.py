@@ -16,8 +16,6 @@ setup(
         "orbax-checkpoint>=0.11",
         "grain>=0.2.12",
         "tensorflow-datasets>=4.9.8",
-        # clu's metric writers and periodic actions import TensorFlow (docs/design.md §2).
-        "tensorflow-cpu>=2.19",
         "tensorboard>=2.19",
         "array-record>=0.7",
         "ml-collections>=1.0",
@@ -35,5 +33,12 @@ setup(
         "aiohttp>=3.9",  # the live web demo (tml_jax.serve.web): HTTP + WebSocket server
     ],
     package_data={"tml_jax.serve": ["static/*"]},
-    extras_require={"dev": ["pytest>=8", "pytest-xdist>=3.5"]},
+    extras_require={
+        # clu's metric writers (training) import TensorFlow (docs/design.md §2). An extra, not
+        # a requirement: where TensorFlow is already installed (Colab) a second copy,
+        # tensorflow-cpu, would overwrite its files. scripts/setup.sh installs it.
+        "tf": ["tensorflow-cpu>=2.19"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10",
+                "ipykernel>=6.29"],
+    },
 )

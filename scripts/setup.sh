@@ -31,7 +31,7 @@ fi
 # install stops the set-up here, with pip's whole message.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-if ! .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]" >"$log" 2>&1; then
+if ! .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev,tf]" >"$log" 2>&1; then
   cat "$log" >&2
   echo "setup.sh: pip install failed (its output is above); fix the cause and rerun" >&2
   exit 1

@@ -105,7 +105,12 @@ class MetricsLog:
   """TensorBoard (through clu) plus a plain jsonl for scripts; process 0 writes."""
 
   def __init__(self, workdir: str):
-    from clu import metric_writers  # pulls in TensorFlow: only when a run starts
+    try:
+      from clu import metric_writers  # pulls in TensorFlow: only when a run starts
+    except ImportError as e:
+      raise ImportError(f"training writes TensorBoard metrics through clu, which needs "
+                        f"TensorFlow ({e}). Fix: pip install 'tml_jax[tf]' (tensorflow-cpu), "
+                        "or use an environment that has TensorFlow (Colab does).") from e
     self.primary = jax.process_index() == 0
     self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.primary)
     self.path = os.path.join(workdir, "metrics.jsonl")
