@@ -22,7 +22,7 @@ PROBE_COLUMNS = (("p_speak_user_speaking", "P(speak) user"), ("p_speak_pause", "
                  ("p_speak_after_turn_end", "P(speak) turn end"), ("threshold", "threshold"))
 COST_COLUMNS = (("total_params", "params"), ("active_params", "active"),
                 ("forward_flops_per_token", "fwd FLOPs/token"), ("steps", "steps"),
-                ("train_min", "train min"))
+                ("steps_per_s", "steps/s"), ("train_min", "train min"))
 
 
 def _stats(values):
