@@ -101,3 +101,34 @@ def test_model_words_reach_the_text_targets(smoke_corpus):
       pos = j + len(w)
       checked += 1
   assert checked > 0
+
+
+def test_other_chunk_lengths_keep_video_on_the_conversation_clock(smoke_corpus, monkeypatch):
+  """At 100 and 400 ms micro-turns the frames are rendered on the layout's chunk clock: a
+  visual event at 2.0 s is drawn from chunk 20 / 10 / 5 on (at 400 ms the stream used to
+  raise "outside the video", at 100 ms to show events at twice their time)."""
+  import json
+  from tml_jax.vision import synthetic
+  config, _ = smoke_corpus
+  src = tml_duplex.load_split(config.data.dir, "train", config.data)
+  record = dict(src[0])  # a person enters at 2.0 s (the smoke corpus is too short for one)
+  record["video_events_json"] = json.dumps([dict(kind="person_enters", side="left",
+                                                 clothes="black", start_s=2.0)]).encode()
+  seen = []
+  real = synthetic.make_video
+
+  def spy(*args, **kw):
+    frames, notes = real(*args, **kw)
+    seen.append(notes)
+    return frames, notes
+  monkeypatch.setattr(pipeline.synthetic, "make_video", spy)
+  for chunk_ms in (100, 200, 400):
+    layout_cfg = config.layout.copy_and_resolve_references()
+    layout_cfg.chunk_ms = chunk_ms
+    layout_cfg.model_audio_slots = {100: 2, 200: 4, 400: 8}[chunk_ms]
+    tf = pipeline.MicroTurnExample(ChunkLayout.from_config(layout_cfg), 10_000,
+                                   chunk_ms=chunk_ms, random_crop=False)
+    s = tf.streams(record)
+    assert s["video"].shape[0] == s["user_dmel"].shape[0]
+    (note,) = seen[-1]
+    assert note["chunk"] == round(2.0 * 1000 / chunk_ms) and note["time_s"] == 2.0, note

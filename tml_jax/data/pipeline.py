@@ -100,7 +100,8 @@ class MicroTurnExample(grain.transforms.RandomMap):
     if lay.video:
       if events:
         seed = int(json.loads(_text(record["meta_json"])).get("video_seed", 0))
-        frames, _ = synthetic.make_video(total, self.video_size, events, seed)
+        frames, _ = synthetic.make_video(total, self.video_size, events, seed,
+                                         chunk_ms=int(round(self.chunk_s * 1000)))
         out["video"] = np.stack([patch_lib.patchify(f, self.patch) for f in frames])
       else:
         out["video"] = np.zeros((total, lay.video, self.patch * self.patch * 3), np.uint8)
