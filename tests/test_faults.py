@@ -176,6 +176,24 @@ def test_bad_input_gets_a_clear_error(engine, rng):
   io.check_wav(wav * 1.5, 16000)  # a little over full scale is still audio
 
 
+def test_video_stays_at_5_fps_for_any_micro_turn(rng):
+  """Frames come one per 200 ms; a 100 or 400 ms model sees each at its real time."""
+  from tml_jax.serve.inputs import RecordedInput
+  frames = rng.integers(0, 256, (3, 8, 8, 3)).astype(np.uint8)
+  wav = np.zeros(16000, np.float32)  # 1 s: five 200 ms frames at most
+  for chunk_ms, want in ((100, [0, 0, 1, 1, 2, 2, None, None]), (200, [0, 1, 2, None, None]),
+                         (400, [0, 2, None])):
+    S = chunk_ms * 16
+    src = RecordedInput(wav, S, chunk_s=chunk_ms / 1000, frames=frames)
+    got = [src.frame(t) for t in range(len(want))]
+    for g, w in zip(got, want):
+      assert (g is None) if w is None else np.array_equal(g, frames[w]), (chunk_ms, want)
+    ends = [t for t in range(src.num_chunks) if src.video_ends_at(t)]
+    assert ends == [want.index(None)], (chunk_ms, ends)
+  with pytest.raises(ValueError, match="6 video frames for 5 chunks"):
+    RecordedInput(wav, 1600, chunk_s=0.1, frames=np.zeros((6, 8, 8, 3), np.uint8))
+
+
 def test_non_finite_vocoder_output_is_reported(engine, rng, tmp_path, monkeypatch):
   from tml_jax.serve import engine as engine_mod
   real, calls = engine_mod.vocoder.vocode, []

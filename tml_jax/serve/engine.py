@@ -189,7 +189,7 @@ class Engine:
       clock.wait_for_chunk(t)
       lag_ms = max(0.0, clock.now_s() - (t + 1) * self.chunk_s) * 1e3 if clock.live else 0.0
       audio, waited_s = source.get(t, clock)
-      if source.frames is not None and t == len(source.frames) > 0:
+      if source.video_ends_at(t):
         session.events.append(dict(kind="video_ended", time_s=round(t * self.chunk_s, 3),
                                    chunk=t))
       forced = bool(delegate_at) and delegate_at[0] <= t * self.chunk_s + 1e-9

@@ -70,6 +70,11 @@ class LiveClock:
     self.wait_until((t + 1) * self.chunk_s)
 
 
+# Video input is 5 fps, one frame per 200 ms (the FDB export and `load_input`), whatever the
+# model's micro-turn: chunk t shows the frame of the 200 ms period that holds its start.
+FRAME_S = 0.2
+
+
 class RecordedInput:
   """A recording played as a stream: chunk t arrives at (t+1)*chunk_s + jitter; `drop`
   loses chunks at random (both simulate a network in live mode; offline ignores arrival).
@@ -86,7 +91,8 @@ class RecordedInput:
     self.arrival_s = (np.arange(1, self.num_chunks + 1) * chunk_s
                       + rng.uniform(0, jitter_s, self.num_chunks))
     self.dropped = rng.random(self.num_chunks) < drop
-    self.frames = check_frames(frames, self.num_chunks)
+    period = int(round(FRAME_S * chunk_samples / chunk_s))  # samples per video frame
+    self.frames = check_frames(frames, -(-self.num_samples // period))
 
   def chunk(self, t: int) -> np.ndarray:
     out = np.zeros(self.S, np.float32)
@@ -108,10 +114,21 @@ class RecordedInput:
     waited = max(0.0, min(arrives, deadline) - max(now, due)) if arrives > now else 0.0
     return (self.chunk(t) if arrives <= deadline else None), waited
 
+  def frame_index(self, t: int) -> int:
+    return int(np.floor(t * self.chunk_s / FRAME_S + 1e-9))
+
   def frame(self, t: int):
-    if self.frames is None or t >= len(self.frames):
+    i = self.frame_index(t)
+    if self.frames is None or i >= len(self.frames):
       return None
-    return self.frames[t]
+    return self.frames[i]
+
+  def video_ends_at(self, t: int) -> bool:
+    """Chunk t is the first without a frame, in a run that had video."""
+    if self.frames is None or not len(self.frames):
+      return False
+    n = len(self.frames)
+    return self.frame_index(t) >= n and (t == 0 or self.frame_index(t - 1) < n)
 
 
 def check_frames(frames, num_chunks: int):
