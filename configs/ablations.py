@@ -113,10 +113,7 @@ def apply(config: mlc.ConfigDict, overrides: dict) -> mlc.ConfigDict:
     if leaf not in node:
       raise ValueError(f"ablation override {path!r}: config has no field {leaf!r} there")
     with node.unlocked():
-      if value is None:  # ConfigDict keeps a field's type; None (e.g. unbounded) is allowed
-        node[leaf] = None
-      else:
-        node[leaf] = value
+      node[leaf] = value  # None (e.g. an unbounded window) is allowed for any field
   return config
 
 
@@ -140,8 +137,16 @@ def variant_config(grid_name: str, variant: str, *, budget_min: float | None = N
 
 
 def get_config(arg: str) -> mlc.ConfigDict:
-  """"GRID/VARIANT" -> that variant's config (the trainer loads it by this name)."""
-  grid_name, _, variant = (arg or "").partition("/")
+  """"GRID/VARIANT[,steps=N]" -> that variant's config (the trainer loads it by this name;
+  `tml_jax.ablate` passes the step cap it runs the grid at)."""
+  name, *opts = (arg or "").split(",")
+  grid_name, _, variant = name.partition("/")
   if not variant:
     raise ValueError(f"config arg {arg!r}: pass GRID/VARIANT, e.g. microturn/chunk_200ms")
-  return variant_config(grid_name, variant)
+  kw = {}
+  for opt in opts:
+    key, _, value = opt.partition("=")
+    if key != "steps" or not value.isdigit():
+      raise ValueError(f"config arg {arg!r}: the only option is steps=N")
+    kw["steps"] = int(value)
+  return variant_config(grid_name, variant, **kw)

@@ -111,12 +111,13 @@ def write(workdir: str, name: str, settings: dict, rows: list[dict], variants: l
   files = dict(md=os.path.join(workdir, "table.md"), json=os.path.join(workdir, "table.json"))
   with open(files["json"], "w") as f:
     json.dump(dict(grid=name, settings=settings, variants=agg, runs=rows), f, indent=1)
+  md = markdown(name, settings, agg, variants)
   with open(files["md"], "w") as f:
-    f.write(markdown(name, settings, agg, variants))
+    f.write(md)
   for family, cols in (("behaviour", BEHAVIOUR_COLUMNS), ("losses", LOSS_COLUMNS),
                        ("probe", PROBE_COLUMNS), ("cost", COST_COLUMNS)):
     p = plot(os.path.join(workdir, f"plot_{family}.png"), family, agg, variants, cols)
     if p:
       files[family] = p
-  print(markdown(name, settings, agg, variants), flush=True)
+  print(md, flush=True)
   return files

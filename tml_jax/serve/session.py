@@ -161,8 +161,7 @@ class Session:
                             text_in_dropped_tokens=self.fifo.dropped))
     return dict(records=self.records, events=self.events, num_chunks=C,
                 cache_bytes=self.sm.cache_nbytes(), out_audio=self.sink.chunks,
-                user_rms=self.sink.user_rms, model_rms=self.sink.rms,
-                final_words=self.word_stream.finish(C - 1) if C else [])
+                user_rms=self.sink.user_rms, model_rms=self.sink.rms)
 
   def _delegate(self, t: int, *, forced: bool):
     """Hands chunk t's context to the worker: a new job, or coalesced into one still

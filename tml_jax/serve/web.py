@@ -42,7 +42,6 @@ Protocol (version 1), endpoint ws://HOST:PORT/stream:
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import datetime
 import json
@@ -87,9 +86,7 @@ class WebSession:
     self.heard.setframerate(e.config.layout.sample_rate)
     self.arrived = asyncio.Event()  # set by every audio frame
     self.typed, self.delegate_next = [], False
-    self.compute_ms = collections.deque(maxlen=LATENCY_WINDOW)
-    self.e2e_ms = collections.deque(maxlen=LATENCY_WINDOW)
-    self.e2e_all = []
+    self.e2e_all = []  # ms per heard chunk (compute times are in the session's records)
     self.last_latency = 0.0
 
   # --------------------------------------------------------------- client -> server
@@ -172,9 +169,7 @@ class WebSession:
         break
       await self.ws.send_bytes(io.to_pcm16(out.played).astype("<i2").tobytes())
       if not missing and audio is not None:  # from a real last sample, not a deadline
-        self.e2e_ms.append((time.perf_counter() - ready) * 1e3)
-        self.e2e_all.append(self.e2e_ms[-1])
-      self.compute_ms.append(out.record.compute_ms)
+        self.e2e_all.append((time.perf_counter() - ready) * 1e3)
       for e in out.events:
         await self.send(self.wire_event(e))
       if out.text:
@@ -198,9 +193,10 @@ class WebSession:
 
   def latency(self) -> dict:
     recs = self.session.records[-LATENCY_WINDOW:]
+    compute, e2e = [r.compute_ms for r in recs], self.e2e_all[-LATENCY_WINDOW:]
     return dict(type="latency", time_s=self.time_s(), chunks=self.session.t,
-                compute_p50_ms=_pct(self.compute_ms, 50), compute_p99_ms=_pct(self.compute_ms, 99),
-                e2e_p50_ms=_pct(self.e2e_ms, 50), e2e_p99_ms=_pct(self.e2e_ms, 99),
+                compute_p50_ms=_pct(compute, 50), compute_p99_ms=_pct(compute, 99),
+                e2e_p50_ms=_pct(e2e, 50), e2e_p99_ms=_pct(e2e, 99),
                 missing_chunks=sum(r.user_missing for r in recs),
                 late_samples=self.live.late_samples, sessions=len(self.server.sessions))
 
@@ -211,16 +207,15 @@ class WebSession:
     res.update(live=True, num_samples=self.session.t * self.server.engine.chunk_samples)
     if res["num_chunks"]:
       res["files"] = outputs.write_all(self.out_dir, res, self.server.engine.chunk_s)
+      lag_ms = np.multiply(self.live.arrival_lag_s, 1e3)
       summary = dict(session=self.sid, chunks=res["num_chunks"],
                      received_samples=self.live.received_samples,
                      late_samples=self.live.late_samples,
                      missing_samples=self.live.missing_samples,
                      user_rms=[round(float(x), 6) for x in res["user_rms"]],
                      e2e_ms=dict(p50=_pct(self.e2e_all, 50), p99=_pct(self.e2e_all, 99)),
-                     arrival_lag_ms=dict(
-                         p50=_pct(np.multiply(self.live.arrival_lag_s, 1e3), 50),
-                         p99=_pct(np.multiply(self.live.arrival_lag_s, 1e3), 99),
-                         max=_pct(np.multiply(self.live.arrival_lag_s, 1e3), 100)),
+                     arrival_lag_ms=dict(p50=_pct(lag_ms, 50), p99=_pct(lag_ms, 99),
+                                         max=_pct(lag_ms, 100)),
                      jitter_buffer_ms=round(self.live.jitter_buffer_s * 1e3, 1),
                      e2e_all_ms=[round(x, 2) for x in self.e2e_all],
                      compute_all_ms=[round(r.compute_ms, 2) for r in res["records"]],
