@@ -21,7 +21,11 @@ TOL = 2e-5
 CASES = [((2, 1, 4, 1), "padded", "ragged_dot"), ((1, 2, 2, 2), "padded", "ragged_dot"),
          ((1, 1, 8, 1), "padded", "gmm"), ((2, 1, 4, 1), "ragged-emulated", "gmm"),
          ((1, 2, 2, 2), "ragged-emulated", "ragged_dot"),
-         ((2, 2, 2, 1), "padded-explicit", "ragged_dot"), ((2, 1, 4, 1), "ragged", "ragged_dot")]
+         ((2, 2, 2, 1), "padded-explicit", "ragged_dot"), ((2, 1, 4, 1), "ragged", "ragged_dot"),
+         # Sequential token chunks per device (model.moe_token_chunks); 3 does not divide
+         # the 8 tokens per device, so the tokens are padded first.
+         ((2, 1, 4, 1), "padded", "gmm", 4), ((1, 2, 2, 2), "ragged-emulated", "ragged_dot", 2),
+         ((2, 1, 4, 1), "padded", "ragged_dot", 3)]
 
 
 def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
@@ -46,7 +50,7 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
   return jnp.where(jnp.any(hit, axis=(0, 1))[:, None], got, output)
 
 
-def _ep_call(model, x_BLD, mesh, exchange, matmul):
+def _ep_call(model, x_BLD, mesh, exchange, matmul, chunks=1):
   """What MoE.__call__ does under a mesh with expert > 1 (routing stays outside)."""
   import functools
   from kernels_pallas.gmm import gmm
@@ -57,7 +61,7 @@ def _ep_call(model, x_BLD, mesh, exchange, matmul):
   wg, wu, wd = model.expert_weights()
   y = moe_parallel.expert_parallel_moe(
       x_BLD.reshape(B * L, D), weights_BLk.reshape(B * L, -1), ids_BLk.reshape(B * L, -1),
-      wg, wu, wd, mesh=mesh, matmul=matmul, exchange=exchange)
+      wg, wu, wd, mesh=mesh, matmul=matmul, exchange=exchange, token_chunks=chunks)
   return y.reshape(B, L, D)
 
 
@@ -85,7 +89,8 @@ def _main():
     return jnp.sum(y * cot), y
 
   ref_grad, ref_y = jax.grad(loss_single, argnums=(0, 1), has_aux=True)(params, x)
-  for shape, exchange, matmul in CASES:
+  for shape, exchange, matmul, *chunks in CASES:
+    chunks = chunks[0] if chunks else 1
     # "-explicit": the mesh uses Explicit axis types (sharding in types) instead of Auto.
     axis_type = (jax.sharding.AxisType.Explicit if exchange.endswith("explicit")
                  else jax.sharding.AxisType.Auto)
@@ -100,7 +105,7 @@ def _main():
       if via_context:
         assert moe_parallel.expert_parallel_size() == shape[2]
       y = _ep_call(nnx.merge(graphdef, params), x, None if via_context else mesh,
-                   exchange.split("-")[0], matmul)
+                   exchange.split("-")[0], matmul, chunks)
       return jnp.sum(y * cot), y
 
     real_collective = jax.lax.ragged_all_to_all
@@ -114,7 +119,7 @@ def _main():
       else:
         grad, y = step(params, x)
     except Exception as e:  # report, let the test decide (ragged exchange on CPU)
-      print(json.dumps({"mesh": shape, "exchange": exchange, "matmul": matmul,
+      print(json.dumps({"mesh": shape, "exchange": exchange, "matmul": matmul, "chunks": chunks,
                         "error": f"{type(e).__name__}: {str(e)[:600]}"}), flush=True)
       continue
     finally:
@@ -125,7 +130,7 @@ def _main():
                                jax.tree_util.tree_leaves(ref_grad[0])):
       diffs["d" + jax.tree_util.keystr(path)] = float(jnp.max(jnp.abs(g - want)))
     counts = np.bincount(np.asarray(model.route(x)[2]).reshape(-1), minlength=8)
-    print(json.dumps({"mesh": shape, "exchange": exchange, "matmul": matmul,
+    print(json.dumps({"mesh": shape, "exchange": exchange, "matmul": matmul, "chunks": chunks,
                       "counts": counts.tolist(), "diffs": diffs,
                       "scale": float(jnp.max(jnp.abs(ref_y)))}), flush=True)
 

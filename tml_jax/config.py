@@ -108,6 +108,9 @@ def validate(config, num_devices: int | None = None) -> None:
   if m.attention_backend not in ("reference", "pallas"):
     _fail("model.attention_backend", m.attention_backend, "unknown attention backend",
           "use 'reference' or 'pallas'")
+  if m.get("remat", "none") not in ("none", "dots", "full"):
+    _fail("model.remat", m.remat, "unknown rematerialisation policy",
+          "use 'none', 'dots' (keep weight matmul outputs) or 'full' (keep block inputs)")
   for f in ("dtype", "param_dtype"):
     if m[f] not in ("float32", "bfloat16"):
       _fail(f"model.{f}", m[f], "unsupported dtype", "use 'float32' or 'bfloat16'")

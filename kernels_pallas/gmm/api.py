@@ -15,6 +15,7 @@ from jax import lax
 
 from kernels_pallas.gmm import mosaic, reference, tile_scan, triton
 from kernels_pallas.gmm.schedule import BlockSizes
+from kernels_pallas.platform import target_platform
 
 BACKENDS = ("triton", "mosaic", "xla", "ragged_dot")
 
@@ -25,7 +26,7 @@ def resolve_backend(backend: str | None, interpret: bool) -> str:
     if backend not in BACKENDS:
       raise ValueError(f"gmm backend={backend!r}: use one of {BACKENDS} or None (auto)")
     return backend
-  platform = jax.default_backend()
+  platform = target_platform()
   if platform == "gpu":
     return "triton"
   if platform == "tpu":

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from jax import lax
+
+from kernels_pallas.platform import out_struct  # noqa: F401 (the kernels import it from here)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,14 +56,6 @@ def group_offsets(group_sizes, m):
   """[0, cumsum(group_sizes)] clipped to m (ragged_dot ignores rows past m)."""
   ends = jnp.minimum(jnp.cumsum(group_sizes), m).astype(jnp.int32)
   return jnp.concatenate([jnp.zeros((1,), jnp.int32), ends])
-
-
-def out_struct(shape, dtype, like):
-  """An out_shape that varies over the same shard_map axes as `like` (check_vma needs it)."""
-  mat = getattr(jax.typeof(like), "manual_axis_type", None)
-  if mat is None:
-    return jax.ShapeDtypeStruct(shape, dtype)
-  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
 
 
 def dot_precision(dtype):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from kernels_pallas.microturn_attention import mosaic, tiles, triton
 from kernels_pallas.microturn_attention.reference import check_inputs
+from kernels_pallas.platform import target_platform
 from kernels_pallas.microturn_attention.schedule import (BlockSizes, block_flags,
                                                          bounded_schedule, encode_k, encode_q,
                                                          pad_meta, pow2)
@@ -28,8 +29,8 @@ def select_backend(interpret: bool) -> str:
   """"triton" | "mosaic" | "interpret" for this platform (tests patch this function)."""
   if interpret:
     return "interpret"
-  platform = jax.default_backend()
-  if platform in ("gpu", "cuda", "rocm"):
+  platform = target_platform()
+  if platform == "gpu":
     return "triton"
   if platform == "tpu":
     return "mosaic"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import math
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -25,6 +24,7 @@ from jax.experimental import pallas as pl
 from kernels_pallas.microturn_attention import tiles
 from kernels_pallas.microturn_attention.schedule import SKIP, Tokens
 from kernels_pallas.microturn_attention.tiles import MASK_VALUE
+from kernels_pallas.platform import out_struct
 
 _LANES, _SUBLANES = 128, 8
 
@@ -124,8 +124,8 @@ def forward(cfg: tiles.Config, q, k, v, q_tok: Tokens, k_tok: Tokens, sched):
           scratch_shapes=[pltpu.VMEM((bq, _LANES), jnp.float32),
                           pltpu.VMEM((bq, _LANES), jnp.float32),
                           pltpu.VMEM((bq, D), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct((B, H, T, D), q.dtype),
-                 jax.ShapeDtypeStruct((B, H, T, _LANES), jnp.float32)],
+      out_shape=[out_struct((B, H, T, D), q.dtype, q),
+                 out_struct((B, H, T, _LANES), jnp.float32, q)],
       **_call_kwargs(cfg, "microturn_attention_fwd"),
   )(sched.kv_index, sched.kv_flag, sched.num_visits, heads_major(q), heads_major(k),
     heads_major(v), *map(_lanes, q_tok), *map(_sublanes, k_tok))
@@ -219,7 +219,7 @@ def backward(cfg: tiles.Config, q, k, v, q_tok, k_tok, dq_sched, dkv_sched, lse,
           in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
                     qt_spec, qt_spec, qt_spec, kt_spec, kt_spec, kt_spec],
           out_specs=q_spec, scratch_shapes=[pltpu.VMEM((bq, D), jnp.float32)]),
-      out_shape=jax.ShapeDtypeStruct((B, H, T, D), q.dtype),
+      out_shape=out_struct((B, H, T, D), q.dtype, q),
       **_call_kwargs(cfg, "microturn_attention_dq"),
   )(dq_sched.kv_index, dq_sched.kv_flag, dq_sched.num_visits, qh, kh, vh, doh, lse_l,
     delta_l, *q_lanes, *k_sublanes)
@@ -241,7 +241,7 @@ def backward(cfg: tiles.Config, q, k, v, q_tok, k_tok, dq_sched, dkv_sched, lse,
                     qt_spec, qt_spec, qt_spec, kt_spec, kt_spec, kt_spec],
           out_specs=[dkv_spec, dkv_spec],
           scratch_shapes=[pltpu.VMEM((bk, D), jnp.float32)] * 2),
-      out_shape=[jax.ShapeDtypeStruct((B, H, S, D), jnp.float32)] * 2,
+      out_shape=[out_struct((B, H, S, D), jnp.float32, q)] * 2,
       **_call_kwargs(cfg, "microturn_attention_dkv"),
   )(dkv_sched.kv_index, dkv_sched.kv_flag, dkv_sched.num_visits, qh, kh, vh, doh, lse_l,
     delta_l, *q_lanes, *k_sublanes)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import math
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -26,6 +25,7 @@ from jax.experimental import pallas as pl
 from kernels_pallas.microturn_attention import tiles
 from kernels_pallas.microturn_attention.schedule import BlockSchedule, Tokens
 from kernels_pallas.microturn_attention.tiles import MASK_VALUE
+from kernels_pallas.platform import out_struct
 
 
 def _load_tokens(c_ref, code_ref, doc_ref, sl, axis: int) -> Tokens:
@@ -140,8 +140,8 @@ def forward(cfg: tiles.Config, q, k, v, q_tok: Tokens, k_tok: Tokens, sched: Blo
       in_specs=[visit_spec, visit_spec, count_spec, q_spec, kv_spec, kv_spec,
                 qt_spec, qt_spec, qt_spec, kt_spec, kt_spec, kt_spec],
       out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((B, H, T), jnp.float32)],
+      out_shape=[out_struct(q.shape, q.dtype, q),
+                 out_struct((B, H, T), jnp.float32, q)],
       **_call_kwargs(cfg, "microturn_attention_fwd", D),
   )(sched.kv_index, sched.kv_flag, sched.num_visits[..., None], q, k, v, *q_tok, *k_tok)
 
@@ -166,7 +166,7 @@ def backward(cfg: tiles.Config, q, k, v, q_tok, k_tok, dq_sched, dkv_sched, lse,
       functools.partial(_dq_kernel, block_k=bk, **common), grid=(T // bq, B, H),
       in_specs=[visit_spec, visit_spec, count_spec, q_spec, kv_full, kv_full, q_spec,
                 row_spec, row_spec, qt_spec, qt_spec, qt_spec, kt_full, kt_full, kt_full],
-      out_specs=q_spec, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      out_specs=q_spec, out_shape=out_struct(q.shape, q.dtype, q),
       **_call_kwargs(cfg, "microturn_attention_dq", D),
   )(dq_sched.kv_index, dq_sched.kv_flag, dq_sched.num_visits[..., None], q, k, v, do, lse,
     delta, *q_tok, *k_tok)
@@ -185,7 +185,7 @@ def backward(cfg: tiles.Config, q, k, v, q_tok, k_tok, dq_sched, dkv_sched, lse,
       in_specs=[visit_spec, visit_spec, count_spec, q_full, kv_spec, kv_spec, q_full,
                 row_full, row_full, qt_full, qt_full, qt_full, kt_spec, kt_spec, kt_spec],
       out_specs=[dkv_spec, dkv_spec],
-      out_shape=[jax.ShapeDtypeStruct((B, S, H, D), jnp.float32)] * 2,
+      out_shape=[out_struct((B, S, H, D), jnp.float32, q)] * 2,
       **_call_kwargs(cfg, "microturn_attention_dkv", D),
   )(dkv_sched.kv_index, dkv_sched.kv_flag, dkv_sched.num_visits[..., None], q, k, v, do,
     lse, delta, *q_tok, *k_tok)

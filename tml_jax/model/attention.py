@@ -18,6 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from tml_jax.microturn import TokenMeta, microturn_mask
 from tml_jax.model.layers import DTYPES, fan_in_init, param, rope
@@ -40,15 +41,47 @@ def dense_attention(q_BLHD, k_BMKD, v_BMKD, q_meta: TokenMeta, kv_meta: TokenMet
   return out.reshape(B, L, H, Dh).astype(q_BLHD.dtype)
 
 
+BATCH_AXES = ("data", "fsdp", "expert")  # the mesh axes examples are split over
+HEAD_AXIS = "tensor"
+
+
+def per_shard(kernel: Callable, q, k, v, q_meta, kv_meta, *, window):
+  """`kernel` on each device's examples and heads, under the active mesh (jax.set_mesh).
+
+  Pallas kernels (Mosaic on TPU, Triton on GPU) are opaque custom calls that XLA cannot
+  partition ("Mosaic kernels cannot be automatically partitioned"): on a mesh of more than
+  one device they run inside a shard_map, batch over the batch axes that divide it and heads
+  over 'tensor' when it divides both head counts. Attention is independent per example and
+  per kv-head group, so no collective is needed.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return kernel(q, k, v, q_meta, kv_meta, window=window)
+  axes = dict(mesh.shape)
+  B, H, K = q.shape[0], q.shape[2], k.shape[2]
+  batch, shards = [], 1
+  for a in BATCH_AXES:
+    if a in axes and B % (shards * axes[a]) == 0:
+      batch.append(a)
+      shards *= axes[a]
+  tp = axes.get(HEAD_AXIS, 1)
+  heads = HEAD_AXIS if tp > 1 and H % tp == 0 and K % tp == 0 else None
+  b = tuple(batch) or None
+  qkv = P(b, None, heads, None)
+  fn = lambda q, k, v, qm, km: kernel(q, k, v, qm, km, window=window)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(qkv, qkv, qkv, P(b, None), P(b, None)),
+                       out_specs=qkv)(q, k, v, q_meta, kv_meta)
+
+
 def _pallas_attention(q, k, v, q_meta, kv_meta, *, window):
   from kernels_pallas.microturn_attention import microturn_attention
-  return microturn_attention(q, k, v, q_meta, kv_meta, window=window)
+  return per_shard(microturn_attention, q, k, v, q_meta, kv_meta, window=window)
 
 
 def _pallas_decode(q, k, v, q_meta, kv_meta, *, window):
   # Forward-only entry for a ring cache (its chunks are in ring order, not sorted).
   from kernels_pallas.microturn_attention import microturn_attention_decode
-  return microturn_attention_decode(q, k, v, q_meta, kv_meta, window=window)
+  return per_shard(microturn_attention_decode, q, k, v, q_meta, kv_meta, window=window)
 
 
 # backend -> (attention of a row over itself, attention of new tokens over a KV cache)

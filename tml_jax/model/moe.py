@@ -60,6 +60,9 @@ class MoEConfig:
   capacity_factor: float = 1.25
   dtype: str = "float32"
   param_dtype: str = "float32"
+  # Expert-parallel dispatch in this many sequential token chunks per device (exact; each
+  # chunk's exchange buffers are 1/n the size, at n times the collectives).
+  token_chunks: int = 1
 
   def __post_init__(self):
     object.__setattr__(self, "impl", resolve_impl(self.impl))
@@ -101,12 +104,14 @@ def capacity_dispatch(x_BLD, weights_BLk, ids_BLk, valid_BL, experts_fn, cfg: Mo
   return y.astype(x_BLD.dtype), dropped
 
 
-def dropless_moe(x_TD, weights_Tk, ids_Tk, w_gate_EDF, w_up_EDF, w_down_EFD):
+def dropless_moe(x_TD, weights_Tk, ids_Tk, w_gate_EDF, w_up_EDF, w_down_EFD, *,
+                 token_chunks: int = 1):
   """Σ_j weights[t, j] · expert_{ids[t, j]}(x[t]) by grouped matmuls, nothing dropped."""
-  if moe_parallel.expert_parallel_size() > 1:
-    # Experts sharded over the mesh's 'expert' axis: all-to-all token dispatch.
+  if moe_parallel.expert_parallel_size() > 1 or moe_parallel.kernel_needs_shard_map():
+    # Experts sharded over the mesh's 'expert' axis: all-to-all token dispatch. (Also with
+    # expert=1 on an accelerator mesh: the Pallas gmm cannot be partitioned by XLA.)
     return moe_parallel.expert_parallel_moe(x_TD, weights_Tk, ids_Tk, w_gate_EDF, w_up_EDF,
-                                            w_down_EFD)
+                                            w_down_EFD, token_chunks=token_chunks)
   order_A, sizes_E, inverse_A = router.sort_by_expert(ids_Tk, w_gate_EDF.shape[0])
   x_AD = router.permute(x_TD, order_A, ids_Tk.shape[1])
   y_AD = grouped_swiglu(x_AD, w_gate_EDF, w_up_EDF, w_down_EFD, sizes_E)
@@ -147,7 +152,8 @@ class MoE(nnx.Module):
       aux["dropped_fraction"] = dropped / jnp.maximum(jnp.sum(valid_T) * cfg.top_k, 1)
     else:
       y = dropless_moe(x.reshape(B * L, D), weights_BLk.reshape(B * L, -1),
-                       ids_BLk.reshape(B * L, -1), wg, wu, wd).reshape(B, L, D)
+                       ids_BLk.reshape(B * L, -1), wg, wu, wd,
+                       token_chunks=cfg.token_chunks).reshape(B, L, D)
     if self.shared is not None:
       y = y + self.shared(x)[0]
     return y, aux

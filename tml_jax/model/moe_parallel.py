@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from kernels_pallas.platform import target_platform
 from tml_jax.model import router
 from tml_jax.model.experts import grouped_swiglu
 
@@ -51,6 +52,13 @@ def _active_mesh(mesh):
   return None if mesh.empty else mesh
 
 
+def kernel_needs_shard_map(mesh=None) -> bool:
+  """A multi-device mesh on GPU/TPU: the Pallas gmm there is a custom call that XLA cannot
+  partition, so it must run per device inside a shard_map (on CPU it is XLA ops)."""
+  mesh = _active_mesh(mesh)
+  return mesh is not None and mesh.size > 1 and target_platform() != "cpu"
+
+
 def expert_parallel_size(mesh=None) -> int:
   """Size of the 'expert' axis of `mesh` (default: the mesh set by jax.set_mesh), else 1."""
   mesh = _active_mesh(mesh)
@@ -59,7 +67,7 @@ def expert_parallel_size(mesh=None) -> int:
 
 def expert_parallel_moe(x_TD, weights_Tk, ids_Tk, w_gate_EDF, w_up_EDF, w_down_EFD, *,
                         mesh=None, matmul: Callable | None = None,
-                        exchange: str | None = None):
+                        exchange: str | None = None, token_chunks: int = 1):
   """Σ_j weights[t, j] · expert_{ids[t, j]}(x[t]) with experts sharded over 'expert'.
 
   x_TD, weights_Tk, ids_Tk: global arrays, tokens sharded over the mesh axes of
@@ -69,6 +77,10 @@ def expert_parallel_moe(x_TD, weights_Tk, ids_Tk, w_gate_EDF, w_up_EDF, w_down_E
   matmul: the local grouped matmul `(lhs[m, k], rhs[g, k, n], group_sizes[g]) -> [m, n]`;
   None: `experts.grouped_matmul` (the platform's gmm).
   exchange: 'ragged' | 'padded' | None (ragged on GPU/TPU, padded on CPU).
+  token_chunks: each device dispatches its tokens in this many sequential chunks (a
+  rematerialised loop), so the exchange buffers, which are sized for the worst case (every
+  peer's tokens choosing this device: ep x the local assignments), shrink by that factor.
+  Exact: routing is per token. Tokens are padded to a multiple of shards x chunks.
   """
   mesh = _active_mesh(mesh)
   if mesh is None:
@@ -84,13 +96,23 @@ def expert_parallel_moe(x_TD, weights_Tk, ids_Tk, w_gate_EDF, w_up_EDF, w_down_E
   token_shards = 1
   for a in token_axes:
     token_shards *= axes[a]
-  if E % ep or T % token_shards:
-    raise ValueError(f"expert parallelism: {E} experts over expert={ep} devices and {T} "
-                     f"tokens over {token_axes}={token_shards} shards must divide evenly")
+  if E % ep:
+    raise ValueError(f"expert parallelism: {E} experts over expert={ep} devices must divide "
+                     "evenly. Fix: make model.num_experts a multiple of mesh.expert")
+  token_chunks = max(1, min(int(token_chunks), T // token_shards or 1))
+  pad = -T % (token_shards * token_chunks)
+  if pad:
+    # Fewer tokens than shards (one micro-turn's text slot on a slice): pad with tokens of
+    # weight 0 routed to expert 0, computed and dropped, so any T works on any mesh.
+    out = expert_parallel_moe(
+        jnp.pad(x_TD, ((0, pad), (0, 0))), jnp.pad(weights_Tk, ((0, pad), (0, 0))),
+        jnp.pad(ids_Tk, ((0, pad), (0, 0))), w_gate_EDF, w_up_EDF, w_down_EFD, mesh=mesh,
+        matmul=matmul, exchange=exchange, token_chunks=token_chunks)
+    return out[:T]
   tp = axes.get(TENSOR_AXIS, 1)
   tensor_axis = TENSOR_AXIS if tp > 1 and F % tp == 0 else None
   if exchange is None:
-    exchange = "padded" if jax.default_backend() == "cpu" else "ragged"
+    exchange = "padded" if target_platform() == "cpu" else "ragged"
   if exchange not in ("ragged", "padded"):
     raise ValueError(f"exchange={exchange!r}: use 'ragged', 'padded' or None")
 
@@ -100,6 +122,8 @@ def expert_parallel_moe(x_TD, weights_Tk, ids_Tk, w_gate_EDF, w_up_EDF, w_down_E
   experts = functools.partial(grouped_swiglu, matmul=matmul)
   local = functools.partial(_local_moe, num_experts=E, ep=ep, tensor_axis=tensor_axis,
                             experts=experts, exchange=exchange)
+  if token_chunks > 1:
+    local = functools.partial(_chunked, local, token_chunks)
   in_specs = (tok, tok, tok, w_in, w_in, w_out)
   args = (x_TD, weights_Tk, ids_Tk, w_gate_EDF, w_up_EDF, w_down_EFD)
   if jax.sharding.AxisType.Explicit in tuple(mesh.axis_types):
@@ -108,6 +132,16 @@ def expert_parallel_moe(x_TD, weights_Tk, ids_Tk, w_gate_EDF, w_up_EDF, w_down_E
           if isinstance(mesh, jax.sharding.Mesh) else (lambda spec: spec))
     args = tuple(jax.reshard(a, to(spec)) for a, spec in zip(args, in_specs))
   return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=tok)(*args)
+
+
+def _chunked(local, n, x_TD, weights_Tk, ids_Tk, *weights):
+  """`local` on n consecutive chunks of this device's tokens, one after another. Each chunk
+  is rematerialised, so its backward pass keeps only that chunk's buffers alive."""
+  split = lambda a: a.reshape(n, a.shape[0] // n, *a.shape[1:])
+  one = jax.checkpoint(lambda xs: local(*xs, *weights),
+                       policy=jax.checkpoint_policies.nothing_saveable)
+  y = jax.lax.map(one, (split(x_TD), split(weights_Tk), split(ids_Tk)))
+  return y.reshape(x_TD.shape[0], *y.shape[2:])
 
 
 def _local_moe(x_TD, weights_Tk, ids_Tk, wg_EDF, wu_EDF, wd_EFD, *, num_experts, ep,

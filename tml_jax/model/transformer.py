@@ -60,6 +60,9 @@ class ModelConfig:
   # A binary head: does the model speak in chunk t+1? (read at MODEL_TEXT slot 0). Without
   # it the decision is only "the first byte of a word beats EOT" in the text softmax.
   speak_gate: bool = False
+  # Rematerialisation of each block in the training forward pass (REMAT_POLICIES); the
+  # cached micro-turn step keeps nothing for a backward pass and ignores it.
+  remat: str = "none"
 
   @property
   def window(self) -> int | None:
@@ -79,7 +82,7 @@ class ModelConfig:
         ffn=m.ffn,
         moe=MoEConfig(m.d_model, m.expert_hidden, m.num_experts, m.top_k,
                       m.shared_expert_hidden, m.moe_impl, m.capacity_factor, m.dtype,
-                      m.param_dtype),
+                      m.param_dtype, int(m.get("moe_token_chunks", 1))),
         dense=FFNConfig(m.d_model, m.dense_hidden, m.dtype, m.param_dtype),
         flow=FlowConfig(m.d_model, fpq * m.n_mels, m.flow_hidden, m.flow_layers, m.param_dtype),
         vocab_size=m.vocab_size, n_mels=m.n_mels, dmel_bins=m.dmel_bins,
@@ -87,7 +90,18 @@ class ModelConfig:
         param_dtype=m.param_dtype, norm_eps=m.norm_eps,
         background=BackgroundConfig.from_config(config),
         # Configs saved before the gate existed have no key: those models have no gate.
-        speak_gate=bool(m.get("speak_gate", False)))
+        speak_gate=bool(m.get("speak_gate", False)), remat=m.get("remat", "none"))
+
+
+# model.remat -> what a block keeps for the backward pass (jax.checkpoint policies).
+#   none  everything (fastest; activation memory grows with layers x tokens)
+#   dots  the outputs of matmuls against weights (no batch dimension): the attention
+#         scores, norms and activations are recomputed
+#   full  only each block's input: the whole block is recomputed (about 1/3 more FLOPs)
+REMAT_POLICIES = {
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
 
 
 class Block(nnx.Module):
@@ -161,8 +175,11 @@ class InteractionModel(nnx.Module):
 
   def backbone(self, x_BLD, meta: TokenMeta, positions_BL):
     aux_sum = {}
+    run = lambda block, x, meta, positions: block(x, meta, positions)[:2]
+    if self.cfg.remat != "none":
+      run = nnx.remat(run, policy=REMAT_POLICIES[self.cfg.remat])
     for block in self.blocks:
-      x_BLD, aux, _ = block(x_BLD, meta, positions_BL)
+      x_BLD, aux = run(block, x_BLD, meta, positions_BL)
       for k, v in aux.items():
         aux_sum[k] = aux_sum.get(k, 0.0) + v / self.cfg.num_layers
     return self.final_norm(x_BLD), aux_sum
