@@ -191,6 +191,7 @@ def test_jit_matches_eager_and_bf16_runs(rng):
     ("layout.model_audio_slots", 3, "model_audio_slots"),
     ("model.moe_impl", "magic", "moe_impl"),
     ("layout.window", 0, "window"),
+    ("model.remat", "some", "remat"),
 ])
 def test_bad_configs_raise(field, value, match):
   c = get_config("tiny")
@@ -235,3 +236,24 @@ def test_pallas_attention_backend_matches_reference(rng):
   np.testing.assert_allclose(l_pal, l_ref, rtol=1e-5)
   for a, b in zip(g_pal, g_ref):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("policy", ["dots", "full"])
+def test_remat_changes_memory_not_gradients(rng, policy):
+  """model.remat recomputes activations in the backward pass: the loss gradients of every
+  parameter equal those of the un-rematerialised model, on the same random batch."""
+  from tml_jax.train.losses import compute_losses
+  seed = int(rng.integers(1 << 30))
+  grads = {}
+  for remat in ("none", policy):
+    config = get_config("tiny,smoke")
+    config.model.remat = remat
+    cfg = ModelConfig.from_config(config)
+    graphdef, state = nnx.split(InteractionModel(cfg, rngs=nnx.Rngs(0)))
+    batch = random_batch(cfg.layout, batch=2, num_chunks=5, seed=seed)
+    weights = {k: float(v) for k, v in config.train.loss_weights.items()}
+    loss = lambda s: compute_losses(nnx.merge(graphdef, s), batch, jax.random.key(0),
+                                    weights)[0]
+    grads[remat] = jax.jit(jax.grad(loss))(state)
+  for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[policy])):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
