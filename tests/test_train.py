@@ -212,6 +212,80 @@ def test_two_processes_train_then_one_restores(smoke_corpus, tmp_path):
   assert max(losses(workdir)) == 4
 
 
+def test_file_url_workdir_is_the_local_folder(smoke_corpus, tmp_path):
+  """--workdir=file:///abs/run: orbax, TensorBoard, metrics and config all land in /abs/run,
+  and no `file:` folder appears where the trainer runs (tests/test_paths.py: gs://)."""
+  _, overrides = smoke_corpus
+  workdir = tmp_path / "url run"
+  run_train(f"file://{workdir}", overrides, "--config.train.num_steps=3")
+  assert (workdir / "checkpoints" / "3").is_dir()
+  assert json.loads((workdir / "config.json").read_text())["variant"] == "tiny"
+  assert max(losses(str(workdir))) == 3
+  assert any(n.startswith("events.out.tfevents") for n in os.listdir(workdir))
+  assert not os.path.exists(os.path.join(ROOT, "file:"))
+  p = run_train(f"file://{workdir}", overrides, "--config.train.num_steps=4")
+  assert "resumed from step 3" in p.stdout
+
+
+def _start_two_processes(workdir, overrides, *extra):
+  """Two trainer processes joined through an explicit coordinator, each logging to a file."""
+  import socket
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  os.makedirs(workdir, exist_ok=True)
+  procs = []
+  for i in range(2):
+    env = _env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(i))
+    log = open(os.path.join(workdir, f"process_{i}.log"), "w")
+    procs.append(subprocess.Popen(train_cmd(workdir, overrides, *extra), cwd=ROOT, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, text=True))
+  return procs
+
+
+def _finish_two(workdir, procs, timeout=180) -> list[str]:
+  """Both processes' logs once they exit; a hang (one process left in a collective) fails."""
+  try:
+    for p in procs:
+      p.wait(timeout=timeout)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  logs = [open(os.path.join(workdir, f"process_{i}.log")).read() for i in range(2)]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  return logs
+
+
+@pytest.mark.parametrize("why", ["sigterm_to_one_process", "time_budget"])
+def test_two_processes_stop_at_the_same_step(smoke_corpus, tmp_path, why):
+  """SIGTERM to process 1 only, or a budget on each process's own clock: both processes
+  stop after the same step, save it together and exit 0 (none is left in a collective)."""
+  _, overrides = smoke_corpus
+  workdir = str(tmp_path / why)
+  extra = ["--config.train.num_steps=400", "--config.train.checkpoint_every=1000"]
+  if why == "time_budget":
+    extra.append("--config.train.time_budget_s=6")
+  procs = _start_two_processes(workdir, overrides, *extra)
+  if why == "sigterm_to_one_process":
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    wait_for(lambda: os.path.exists(metrics) and max(losses(workdir), default=0) >= 2, 300,
+             "the two processes never reached step 2")
+    procs[1].send_signal(signal.SIGTERM)
+  logs = _finish_two(workdir, procs)
+  pattern = ("SIGTERM received: saved step " if why == "sigterm_to_one_process"
+             else "reached at step ")
+  steps = []
+  for log in logs:
+    assert pattern in log, log[-2000:]
+    steps.append(int(log.split(pattern)[1].split()[0].rstrip(";")))
+  assert steps[0] == steps[1], steps
+  assert 0 < steps[0] < 400
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", str(steps[0])))
+
+
 ENGINE_SCRIPT = textwrap.dedent("""
     import builtins, json, sys
     import numpy as np

@@ -33,12 +33,18 @@ def main(argv):
   result = train_and_evaluate(config, workdir)
   if result.get("status") == "preempted" or not _EVAL.value or jax.process_index() != 0:
     return
+  from tml_jax import paths
   from tml_jax.data import export_fdb
-  fdb = os.path.join(result["data_dir"], f"fdb_test_{_PER_TASK.value}")
+  # The evaluation writes and reads audio files with local tools: a remote run (gs://...)
+  # is evaluated into a local folder (its checkpoints are still read from the bucket).
+  local = paths.local_folder(result["workdir"])
+  fdb = os.path.join(paths.local_folder(result["data_dir"]), f"fdb_test_{_PER_TASK.value}")
   # Reused only when its manifest holds the same settings (seed, durations, per_task, ...).
   export_fdb.ensure_export(fdb, "test", config.data, per_task=_PER_TASK.value,
                            log=lambda m: print(m, flush=True))
-  out = os.path.join(workdir, "eval")
+  out = os.path.join(local, "eval")
+  if local != result["workdir"]:
+    print(f"{result['workdir']} is remote: the evaluation is written to {out}", flush=True)
   # Its own process: the Silero VAD's ONNX runtime aborts ("free(): invalid pointer") in a
   # process that has loaded TensorFlow, which training does (clu's metric writers).
   cmd = [sys.executable, "-m", "tml_jax.evaluate", f"--workdir={workdir}", f"--data={fdb}",

@@ -18,7 +18,6 @@ the training rows (tml_jax.data.speak_labels); this module measures and draws.
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 
@@ -106,8 +105,8 @@ def plot_probe(probes: dict[str, dict], path: str, history: list[dict] | None = 
     ax2.set_title("P(speak) per condition (teacher-forced, validation)")
     ax2.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path)
-  return path
+  from tml_jax import paths
+  return paths.save_figure(fig, path)
 
 
 def teacher_forced(speak_logits_BC, batch) -> tuple[np.ndarray, ...]:
@@ -216,8 +215,8 @@ def main(argv=None):
   """python -m tml_jax.probe --workdir=W [--free_running=4] [--batches=4]: the probe of a
   trained run's newest checkpoint; writes W/speak_probe.json and W/speak_probe.png."""
   import argparse
-  import os
   from flax import nnx
+  from tml_jax import paths
   from tml_jax.serve.engine import load_config
   from tml_jax.serve.stream import serving_config
   from tml_jax.train.checkpoint import restore_params
@@ -250,9 +249,8 @@ def main(argv=None):
     probes["free-running"] = free_running_on_validation(
         config, params, data_dir, num=args.free_running, max_s=args.max_s,
         speak_threshold=probes["teacher-forced"]["calibration"]["threshold"])
-  with open(os.path.join(args.workdir, "speak_probe.json"), "w") as f:
-    json.dump(dict(step=step, probes=probes), f, indent=1)
-  plot_probe(probes, os.path.join(args.workdir, "speak_probe.png"))
+  paths.write_json(paths.join(args.workdir, "speak_probe.json"), dict(step=step, probes=probes))
+  plot_probe(probes, paths.join(args.workdir, "speak_probe.png"))
   print(f"step {step}; calibrated threshold {probes['teacher-forced']['calibration']}\n"
         + table_md(probes))
 

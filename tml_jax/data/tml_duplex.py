@@ -168,11 +168,12 @@ def build(data_dir: str, data_cfg, *, workers: int | None = None) -> tfds.core.D
 
 def dataset_dir(data_dir: str, data_cfg=None) -> str:
   """The versioned folder of one build: data_dir/tml_duplex/<config name>/<version>."""
-  root = os.path.join(data_dir, "tml_duplex")
+  from tml_jax import paths
+  root = paths.join(data_dir, "tml_duplex")
   if data_cfg is not None:
     name = TmlDuplexConfig.from_data_config(data_cfg).name
   else:
-    names = sorted(n for n in os.listdir(root) if not n.startswith(".")) if os.path.isdir(
+    names = [n for n in paths.listdir(root) if not n.startswith(".")] if paths.isdir(
         root) else []
     if len(names) != 1:
       raise FileNotFoundError(
@@ -180,8 +181,8 @@ def dataset_dir(data_dir: str, data_cfg=None) -> str:
           "(config.data) to choose one, or build it: python -m tml_jax.data.build "
           f"--config=configs/interaction.py:tiny --data_dir={data_dir}")
     name = names[0]
-  path = os.path.join(root, name, str(TmlDuplex.VERSION))
-  if not os.path.isdir(path):
+  path = paths.join(root, name, str(TmlDuplex.VERSION))
+  if not paths.isdir(path):
     raise FileNotFoundError(f"no tml_duplex build at {path}: run python -m tml_jax.data.build "
                             f"--config=configs/interaction.py:tiny --data_dir={data_dir}")
   return path
@@ -189,7 +190,9 @@ def dataset_dir(data_dir: str, data_cfg=None) -> str:
 
 def default_dir(data_cfg, workdir: str) -> str:
   """data_cfg.dir, or data/ beside a run's workdir (where the main job builds the corpus)."""
-  return data_cfg.dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), "data")
+  from tml_jax import paths
+  return paths.resolve(data_cfg.dir) if data_cfg.dir else paths.join(paths.parent(workdir),
+                                                                       "data")
 
 
 def load_split(data_dir: str, split: str, data_cfg=None):

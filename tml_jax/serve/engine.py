@@ -16,7 +16,6 @@ sessions (`tml_jax.serve.web`, live microphone input over a WebSocket).
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -211,20 +210,20 @@ def _blas_threads(n: int):
 def calibrated_threshold(workdir: str) -> float:
   """The speak threshold the trainer calibrated on validation (W/speak_threshold.json), or
   0.5 when the run has none (no speak gate, or no final report yet)."""
-  path = os.path.join(workdir, "speak_threshold.json")
-  if not os.path.exists(path):
+  from tml_jax import paths
+  path = paths.join(workdir, "speak_threshold.json")
+  if not paths.exists(path):
     return 0.5
-  with open(path) as f:
-    return float(json.load(f)["threshold"])
+  return float(paths.read_json(path)["threshold"])
 
 
 def load_config(workdir: str | None, config=None):
   """W/config.json (written by the trainer) wins; else `config`; else the tiny default."""
   import ml_collections as mlc
-  path = os.path.join(workdir, "config.json") if workdir else None
-  if path and os.path.exists(path):
-    with open(path) as f:
-      return mlc.ConfigDict(json.load(f))
+  from tml_jax import paths
+  path = paths.join(workdir, "config.json") if workdir else None
+  if path and paths.exists(path):
+    return mlc.ConfigDict(paths.read_json(path))
   if config is None:
     config = DEFAULT_CONFIG
   if isinstance(config, str):

@@ -15,17 +15,18 @@ without the optimizer state and without grain, which is imported only by the tra
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 
 import orbax.checkpoint as ocp
+
+from tml_jax import paths
 
 ITEMS = ("state", "data")
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.abspath(os.path.join(workdir, "checkpoints"))
+  """W/checkpoints; a remote workdir (gs://...) stays remote (orbax writes there itself)."""
+  return paths.join(workdir, "checkpoints")
 
 
 class ConfigMismatchError(ValueError):
@@ -56,7 +57,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
     self.dir = checkpoint_dir(workdir)
-    self.corrupt_dir = os.path.abspath(os.path.join(workdir, "checkpoints_corrupt"))
+    self.corrupt_dir = paths.join(workdir, "checkpoints_corrupt")
     self.manager = ocp.CheckpointManager(
         self.dir, item_names=ITEMS,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -140,14 +141,14 @@ class Checkpointer:
   def _quarantine(self, steps):
     import jax
     if jax.process_index() == 0:
-      os.makedirs(self.corrupt_dir, exist_ok=True)
+      paths.makedirs(self.corrupt_dir)
       for s in steps:
-        src = os.path.join(self.dir, str(s))
-        if os.path.exists(src):
-          dst, n = os.path.join(self.corrupt_dir, str(s)), 1
-          while os.path.exists(dst):  # never delete an earlier quarantined copy
-            dst, n = os.path.join(self.corrupt_dir, f"{s}.{n}"), n + 1
-          shutil.move(src, dst)
+        src = paths.join(self.dir, str(s))
+        if paths.exists(src):
+          dst, n = paths.join(self.corrupt_dir, str(s)), 1
+          while paths.exists(dst):  # never delete an earlier quarantined copy
+            dst, n = paths.join(self.corrupt_dir, f"{s}.{n}"), n + 1
+          paths.replace(src, dst)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("tml_jax checkpoint quarantine")
@@ -179,7 +180,7 @@ def restore_params(workdir: str, abstract_params, *, step: int | None = None,
   on disk (orbax partial restore), so this needs neither optax nor grain.
   """
   ckpt_dir = checkpoint_dir(workdir)
-  if not os.path.isdir(ckpt_dir):
+  if not paths.isdir(ckpt_dir):
     raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; train first "
                             f"(python -m tml_jax.train --config=... --workdir={workdir}).")
   manager = _reader(ckpt_dir)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tml_jax import paths
 from tml_jax import probe as probe_lib
 from tml_jax.config import validate
 from tml_jax.model.transformer import count_params
@@ -55,21 +56,18 @@ def maybe_initialize_distributed():
 def write_config(config, workdir: str):
   """W/config.json: what the engine and the evaluation load the model with. A different
   earlier config.json is kept as config.<n>.json (the run's config history)."""
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   if jax.process_index() != 0:
     return
-  path, text = os.path.join(workdir, "config.json"), config.to_json(indent=1)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = f.read()
-    if old == text:
+  path, text = paths.join(workdir, "config.json"), config.to_json(indent=1)
+  if paths.exists(path):
+    if paths.read_text(path) == text:
       return
     n = 1
-    while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
+    while paths.exists(paths.join(workdir, f"config.{n}.json")):
       n += 1
-    os.replace(path, os.path.join(workdir, f"config.{n}.json"))
-  with open(path, "w") as f:
-    f.write(text)
+    paths.replace(path, paths.join(workdir, f"config.{n}.json"))
+  paths.write_text(path, text)
 
 
 def describe(setup: Setup):
@@ -113,14 +111,13 @@ class MetricsLog:
                         "or use an environment that has TensorFlow (Colab does).") from e
     self.primary = jax.process_index() == 0
     self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.primary)
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = paths.join(workdir, "metrics.jsonl")
 
   def write(self, step: int, scalars: dict):
     scalars = {k: float(v) for k, v in scalars.items()}
     self.writer.write_scalars(step, scalars)
     if self.primary:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(dict(step=step, **scalars)) + "\n")
+      paths.append_line(self.path, json.dumps(dict(step=step, **scalars)))
 
   def flush(self):
     self.writer.flush()
@@ -209,8 +206,7 @@ def free_running_probe(setup: Setup, state, data_dir: str, num: int,
 def write_speak_threshold(workdir: str, step: int, calibration: dict):
   """W/speak_threshold.json: the threshold the engine serves with when the config says
   serve.speak_threshold="auto" (tml_jax.probe.calibrate_threshold)."""
-  with open(os.path.join(workdir, "speak_threshold.json"), "w") as f:
-    json.dump(dict(calibration, step=step), f, indent=1)
+  paths.write_json(paths.join(workdir, "speak_threshold.json"), dict(calibration, step=step))
   print(f"speak threshold calibrated on validation: {calibration['threshold']:.3f} (onset "
         f"recall {calibration['onset_recall']}, false onsets {calibration['false_onset_rate']})",
         flush=True)
@@ -269,11 +265,38 @@ def start(setup: Setup, workdir: str, train_loader, make_val) -> Run:
   return Run(setup, ckpt, MetricsLog(workdir), train_iter, make_val, state, step)
 
 
-def stop_on_sigterm() -> dict:
-  """{'signal': None}, set to 'SIGTERM' when one arrives; the loop stops after that step."""
-  stop = {"signal": None}
-  signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("signal", "SIGTERM"))
-  return stop
+class Stop:
+  """When every process stops: on SIGTERM (preemption) or when the time budget runs out.
+
+  One process: a SIGTERM handler sets the flag and the loop stops after that step. Several
+  processes must stop at the same step, or the ones still stepping hang in a collective:
+  - SIGTERM: jax.distributed's preemption sync manager holds the signal (installed by
+    `jax.distributed.initialize`; a Python handler would take it away). A notice on any
+    process makes orbax's `reached_preemption(step)` true on all of them at one agreed step.
+  - the budget: process 0's clock decides, and the decision is broadcast to all at every step.
+  """
+
+  def __init__(self, ckpt: Checkpointer, budget_s: float):
+    self.ckpt, self.budget_s = ckpt, float(budget_s or 0)
+    self.multi = jax.process_count() > 1
+    self.signal = None
+    self.t0 = time.perf_counter()
+    if not self.multi:
+      signal.signal(signal.SIGTERM, lambda *_: setattr(self, "signal", "SIGTERM"))
+
+  def why(self, step: int) -> str | None:
+    """"preempted" | "time_budget" | None, the same on every process."""
+    if self.multi and self.ckpt.manager.reached_preemption(step):
+      self.signal = "SIGTERM"
+    if self.signal:
+      return "preempted"
+    if not self.budget_s:
+      return None
+    over = time.perf_counter() - self.t0 > self.budget_s
+    if self.multi:
+      from jax.experimental import multihost_utils
+      over = bool(multihost_utils.broadcast_one_to_all(np.int32(over)))
+    return "time_budget" if over else None
 
 
 class Throughput:
@@ -327,14 +350,13 @@ def log_validation(run: Run):
                                                   if k in shown), flush=True)
 
 
-def train(run: Run, stop: dict) -> str:
+def train(run: Run, stop: Stop) -> str:
   """Steps until num_steps, SIGTERM or the time budget; returns why it stopped."""
   config = run.setup.config
   tc = config.train
   base_key = jax.random.key(config.seed)
   meter = Throughput(run.step, tc.batch_size * run.setup.cfg.layout.seq_len(
       config.layout.num_chunks))
-  t_start, budget = time.perf_counter(), float(tc.time_budget_s or 0)
   while run.step < tc.num_steps:
     batch = shd.to_global(next(run.train_iter), run.setup.batch_sharding)
     # The old state is donated: keep the returned one either way (unchanged when not ok).
@@ -350,19 +372,18 @@ def train(run: Run, stop: dict) -> str:
       log_validation(run)
     if run.step % tc.checkpoint_every == 0:
       run.ckpt.save(run.step, run.state, run.train_iter)
-    if stop["signal"]:
-      return "preempted"
-    if budget and time.perf_counter() - t_start > budget:
-      return "time_budget"
+    why = stop.why(run.step)
+    if why:
+      return why
   return "completed"
 
 
-def finish(run: Run, status: str, stop: dict):
+def finish(run: Run, status: str, stop: Stop):
   run.ckpt.save_once(run.step, run.state, run.train_iter)
   run.ckpt.close()
   run.log.flush()
   if status == "preempted":
-    print(f"{stop['signal']} received: saved step {run.step} to {run.ckpt.dir}; rerun the "
+    print(f"{stop.signal} received: saved step {run.step} to {run.ckpt.dir}; rerun the "
           "same command to resume.", flush=True)
   elif status == "time_budget":
     print(f"time budget of {float(run.setup.config.train.time_budget_s):.0f}s reached at "
@@ -373,6 +394,7 @@ def train_and_evaluate(config, workdir: str, *, final_report: bool = True) -> di
   """Trains (or resumes) the run in `workdir`; `final_report=False` skips the end-of-run
   evaluation and report (scripts and tests that only need the checkpoints and metrics)."""
   maybe_initialize_distributed()
+  workdir = paths.resolve(workdir)
   validate(config, num_devices=jax.device_count())
   setup = Setup(config, shd.make_mesh(config))
   describe(setup)
@@ -380,7 +402,7 @@ def train_and_evaluate(config, workdir: str, *, final_report: bool = True) -> di
   run = start(setup, workdir, train_loader, make_val)
   # Only now: a resume that fails must leave the run's config.json as it was.
   write_config(config, workdir)
-  stop = stop_on_sigterm()
+  stop = Stop(run.ckpt, config.train.time_budget_s)
   status = train(run, stop)
   finish(run, status, stop)
   if status == "preempted":

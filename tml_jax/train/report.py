@@ -10,16 +10,16 @@ from __future__ import annotations
 import json
 import os
 
+from tml_jax import paths
 from tml_jax import probe as probe_lib
 
 
 def read_metrics(workdir: str) -> list[dict]:
   """The records of W/metrics.jsonl (one per logged step), [] before the first."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = paths.join(workdir, "metrics.jsonl")
+  if not paths.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
 def plot_curves(rows: list[dict], path: str) -> str:
@@ -38,7 +38,7 @@ def plot_curves(rows: list[dict], path: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path)
+  paths.save_figure(fig, path)
   return path
 
 
@@ -103,17 +103,15 @@ def write_report(workdir: str, *, variant: str, step: int, validation: dict, bas
   decoded lines; rows: read_metrics(workdir); probes: {"teacher-forced": summary, ...}
   of tml_jax.probe (also written as speak_probe.png, with P(speak) against steps).
   """
-  png = plot_curves(rows, os.path.join(workdir, "loss_curves.png")) if rows else None
+  png = plot_curves(rows, paths.join(workdir, "loss_curves.png")) if rows else None
   first = next((r for r in rows if "text" in r), {})
   report = dict(validation=validation, baselines=baselines, first_logged=first,
                 samples=samples, speak_probe=probes or {})
-  probe_png = (probe_lib.plot_probe(probes, os.path.join(workdir, "speak_probe.png"),
+  probe_png = (probe_lib.plot_probe(probes, paths.join(workdir, "speak_probe.png"),
                                     probe_history(rows)) if probes else None)
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump(report, f, indent=1)
+  paths.write_json(paths.join(workdir, "report.json"), report)
   md = markdown(variant, step, validation, baselines, first, samples)
   md += probe_markdown(probes, probe_png)
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write("\n".join(md))
+  paths.write_text(paths.join(workdir, "report.md"), "\n".join(md))
   print("\n".join(md[:12]), flush=True)
-  return dict(report=report, report_md=os.path.join(workdir, "report.md"), curves=png)
+  return dict(report=report, report_md=paths.join(workdir, "report.md"), curves=png)
