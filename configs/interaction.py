@@ -92,6 +92,9 @@ def _model(**overrides) -> mlc.ConfigDict:
   # as "capacity" there) | "capacity" (drops tokens over capacity): benchmarks/moe.py.
   c.moe_impl = "grouped"
   c.capacity_factor = 1.25
+  # Expert-parallel dispatch in n sequential token chunks per device: exact, and the
+  # worst-case exchange buffers (ep x the local assignments) shrink n-fold.
+  c.moe_token_chunks = 1
   c.vocab_size = 272        # bytes + 16 control tokens (tml_jax.text.tokenizer)
   c.n_mels = 80
   c.dmel_bins = 16
@@ -107,6 +110,12 @@ def _model(**overrides) -> mlc.ConfigDict:
   # A binary "speak in chunk t+1" head beside the text softmax; the engine stays silent
   # when it says no (serve.speak_threshold). False for configs saved before it existed.
   c.speak_gate = True
+  # What each block keeps for the backward pass: "none" | "dots" | "full"
+  # (tml_jax.model.transformer.REMAT_POLICIES; `python -m tml_jax.plan` measures the effect).
+  c.remat = "none"
+  # One lax.scan over the blocks (tml_jax.model.transformer.ModelConfig.scan_layers): one
+  # block compiled instead of num_layers; the paper-scale config needs it to compile.
+  c.scan_layers = False
   c.update(overrides)
   return c
 
@@ -180,8 +189,13 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
         d_model=5120, num_layers=48, num_heads=40, num_kv_heads=8, head_dim=128,
         num_experts=128, top_k=4, expert_hidden=2880, shared_expert_hidden=512,
         flow_hidden=2048, dtype="bfloat16", param_dtype="bfloat16",
-        attention_backend="pallas", moe_impl="grouped"))
-    config.mesh = mlc.ConfigDict(dict(data=-1, fsdp=16, expert=16, tensor=4))
+        attention_backend="pallas", moe_impl="grouped",
+        # From the plan (python -m tml_jax.plan --topology=v5p-512, benchmarks/RESULTS.md):
+        # without remat the activations alone overflow HBM, and the expert exchange's
+        # worst-case buffers (ep x the local assignments) need chunking to fit.
+        remat="full", moe_token_chunks=8, scan_layers=True))
+    # 256 chips (v5p-512): one 9600-token row per chip, experts over 16, the rest FSDP.
+    config.mesh = mlc.ConfigDict(dict(data=-1, fsdp=16, expert=16, tensor=1))
     config.train.update(dict(batch_size=256, lr=1.5e-4, num_steps=200_000, warmup_steps=2000,
                              time_budget_s=0.0))
   else:

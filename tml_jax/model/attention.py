@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from kernels_pallas.platform import target_platform
 from tml_jax.microturn import TokenMeta, microturn_mask
 from tml_jax.model.layers import DTYPES, fan_in_init, param, rope
 
@@ -45,17 +46,18 @@ BATCH_AXES = ("data", "fsdp", "expert")  # the mesh axes examples are split over
 HEAD_AXIS = "tensor"
 
 
-def per_shard(kernel: Callable, q, k, v, q_meta, kv_meta, *, window):
+def per_shard(kernel: Callable, q, k, v, q_meta, kv_meta, *, window, force: bool = False):
   """`kernel` on each device's examples and heads, under the active mesh (jax.set_mesh).
 
   Pallas kernels (Mosaic on TPU, Triton on GPU) are opaque custom calls that XLA cannot
   partition ("Mosaic kernels cannot be automatically partitioned"): on a mesh of more than
   one device they run inside a shard_map, batch over the batch axes that divide it and heads
   over 'tensor' when it divides both head counts. Attention is independent per example and
-  per kv-head group, so no collective is needed.
+  per kv-head group, so no collective is needed. `force`: also on CPU (tests).
   """
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
+  if mesh.empty or mesh.size == 1 or (target_platform() == "cpu" and not force):
+    # CPU runs the kernels in interpret mode: plain XLA ops, which XLA partitions itself.
     return kernel(q, k, v, q_meta, kv_meta, window=window)
   axes = dict(mesh.shape)
   B, H, K = q.shape[0], q.shape[2], k.shape[2]
@@ -69,8 +71,12 @@ def per_shard(kernel: Callable, q, k, v, q_meta, kv_meta, *, window):
   b = tuple(batch) or None
   qkv = P(b, None, heads, None)
   fn = lambda q, k, v, qm, km: kernel(q, k, v, qm, km, window=window)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(qkv, qkv, qkv, P(b, None), P(b, None)),
-                       out_specs=qkv)(q, k, v, q_meta, kv_meta)
+  specs = (qkv, qkv, qkv, P(b, None), P(b, None))
+  args = (q, k, v, q_meta, kv_meta)
+  if jax.sharding.AxisType.Explicit in tuple(mesh.axis_types):
+    # Under Explicit axes shard_map checks (not converts) input shardings: reshard first.
+    args = tuple(jax.reshard(a, s) for a, s in zip(args, specs))
+  return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=qkv)(*args)
 
 
 def _pallas_attention(q, k, v, q_meta, kv_meta, *, window):

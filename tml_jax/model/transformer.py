@@ -63,6 +63,11 @@ class ModelConfig:
   # Rematerialisation of each block in the training forward pass (REMAT_POLICIES); the
   # cached micro-turn step keeps nothing for a backward pass and ignores it.
   remat: str = "none"
+  # Run the blocks as one lax.scan over their stacked parameters (training forward and the
+  # cached step): XLA compiles one block instead of num_layers, which is what makes a
+  # 48-layer program compile in minutes and fit a host's memory. The parameters stay one
+  # tree per block (checkpoints are the same); the stack is a per-step copy.
+  scan_layers: bool = False
 
   @property
   def window(self) -> int | None:
@@ -90,7 +95,8 @@ class ModelConfig:
         param_dtype=m.param_dtype, norm_eps=m.norm_eps,
         background=BackgroundConfig.from_config(config),
         # Configs saved before the gate existed have no key: those models have no gate.
-        speak_gate=bool(m.get("speak_gate", False)), remat=m.get("remat", "none"))
+        speak_gate=bool(m.get("speak_gate", False)), remat=m.get("remat", "none"),
+        scan_layers=bool(m.get("scan_layers", False)))
 
 
 # model.remat -> what a block keeps for the backward pass (jax.checkpoint policies).
@@ -173,7 +179,24 @@ class InteractionModel(nnx.Module):
       out[Segment.PREFIX] = e.tokens(batch["prefix"], dt) + seg[None, None, int(Segment.PREFIX)]
     return out
 
+  def _stacked_blocks(self):
+    """(graphdef of one block, every block's state stacked on a leading layer axis)."""
+    graphdef, first = nnx.split(self.blocks[0])
+    states = [first] + [nnx.split(b)[1] for b in list(self.blocks)[1:]]
+    return graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
   def backbone(self, x_BLD, meta: TokenMeta, positions_BL):
+    if self.cfg.scan_layers:
+      graphdef, stacked = self._stacked_blocks()
+
+      def body(x, state):
+        y, aux, _ = nnx.merge(graphdef, state)(x, meta, positions_BL)
+        return y, aux
+
+      if self.cfg.remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat])
+      x_BLD, aux_L = jax.lax.scan(body, x_BLD, stacked)
+      return self.final_norm(x_BLD), {k: jnp.mean(v) for k, v in aux_L.items()}
     aux_sum = {}
     run = lambda block, x, meta, positions: block(x, meta, positions)[:2]
     if self.cfg.remat != "none":
@@ -188,11 +211,24 @@ class InteractionModel(nnx.Module):
     """Runs N new tokens through every block against the cache, writing their keys, values
     and final hidden states at rows [write_at, write_at + N). `cache.meta` must already
     describe them. Returns (cache, hidden [B, N, D])."""
-    ks, vs = [], []
-    for block, k, v in zip(self.blocks, cache.k, cache.v):
-      x_BND, _, lc = block(x_BND, meta, positions_BN, LayerCache(k, v, cache.meta, write_at))
-      ks.append(lc.k)
-      vs.append(lc.v)
+    if self.cfg.scan_layers:
+      graphdef, stacked = self._stacked_blocks()
+
+      def body(x, layer):
+        state, k, v = layer
+        y, _, lc = nnx.merge(graphdef, state)(x, meta, positions_BN,
+                                              LayerCache(k, v, cache.meta, write_at))
+        return y, (lc.k, lc.v)
+
+      x_BND, (k_L, v_L) = jax.lax.scan(body, x_BND, (stacked, jnp.stack(cache.k),
+                                                      jnp.stack(cache.v)))
+      ks, vs = list(k_L), list(v_L)
+    else:
+      ks, vs = [], []
+      for block, k, v in zip(self.blocks, cache.k, cache.v):
+        x_BND, _, lc = block(x_BND, meta, positions_BN, LayerCache(k, v, cache.meta, write_at))
+        ks.append(lc.k)
+        vs.append(lc.v)
     h = self.final_norm(x_BND)
     hidden = jax.lax.dynamic_update_slice(cache.hidden, h.astype(cache.hidden.dtype),
                                           (0, write_at, 0))
