@@ -38,6 +38,9 @@ setup(
         # a requirement: where TensorFlow is already installed (Colab) a second copy,
         # tensorflow-cpu, would overwrite its files. scripts/setup.sh installs it.
         "tf": ["tensorflow-cpu>=2.19"],
+        # The TPU compiler, for ahead-of-time plans on a host without a TPU
+        # (python -m tml_jax.plan --topology=v5p-512); the build jax 0.11.2's jax[tpu] pins.
+        "plan": ["libtpu==0.0.48.*"],
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10",
                 "ipykernel>=6.29"],
     },

@@ -1,0 +1,169 @@
+"""What a compiled program says about itself: memory, cost, collectives, big buffers.
+
+Collectives and buffers are read from the optimised HLO text (`compiled.as_text()`).
+Collectives are counted per execution: one inside a while body with a known trip count (the
+scan over layers) counts that many times. XLA's own cost analysis does not do this: its
+FLOPs and bytes count a loop body once.
+"""
+
+from __future__ import annotations
+
+import re
+
+DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
+               "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+               "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all",
+               "collective-permute", "collective-broadcast")
+_ARRAY = re.compile(r"\b(" + "|".join(sorted(DTYPE_BYTES, key=len, reverse=True))
+                    + r")\[([0-9,]*)\]")
+# `  %name = TYPE op(...)` or `  ROOT name = TYPE op(...)`; TYPE may be a tuple.
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\(")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def array_bytes(type_text: str) -> list[int]:
+  """Bytes of every array in an HLO type (`bf16[8,128]{1,0}` or a tuple of them)."""
+  out = []
+  for dtype, dims in _ARRAY.findall(type_text):
+    n = 1
+    for d in filter(None, dims.split(",")):
+      n *= int(d)
+    out.append(int(n * DTYPE_BYTES[dtype]))
+  return out
+
+
+def instructions(hlo_text: str):
+  """(name, op, result bytes, op_name metadata) for every instruction."""
+  for line in hlo_text.splitlines():
+    m = _INSTR.match(line)
+    if not m:
+      continue
+    name, type_text, op = m.groups()
+    sizes = array_bytes(type_text)
+    meta = _OP_NAME.search(line)
+    yield name, op, sizes, meta.group(1) if meta else ""
+
+
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
+_CALLEE = re.compile(r"\b(?:body|calls|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+def executions(hlo_text: str) -> dict[str, int]:
+  """How many times each computation runs per call of the entry: a while body runs its
+  known trip count times its caller (a scan over 48 layers: 48), a call or branch once."""
+  lines_of, entry, current = {}, None, None
+  for line in hlo_text.splitlines():
+    m = _COMPUTATION.match(line)
+    if m:
+      current = m.group(2)
+      lines_of[current] = []
+      entry = current if m.group(1) else entry
+    elif current is not None:
+      lines_of[current].append(line)
+  runs: dict[str, int] = {}
+
+  def visit(name, times):
+    runs[name] = runs.get(name, 0) + times
+    for line in lines_of.get(name, ()):
+      trip = _TRIP.search(line)
+      factor = int(trip.group(1)) if trip and " while(" in line else 1
+      callees = _CALLEE.findall(line)
+      for b in _BRANCHES.findall(line):
+        callees += [c.strip().lstrip("%") for c in b.split(",")]
+      for callee in callees:
+        if callee in lines_of:
+          visit(callee, times * (factor if f"body=%{callee}" in line or
+                                 f"body={callee}" in line else 1))
+
+  if entry is not None:
+    visit(entry, 1)
+  return {name: runs.get(name, 0) for name in lines_of} | {"": 1}
+
+
+def collectives(hlo_text: str) -> dict:
+  """{kind: {"count", "bytes", "static_count"}} per device and step: each collective times
+  the runs of the computation holding it (`executions`), and `static_count` as written. An
+  async pair (`all-gather-start` / `-done`) counts once, at its start, by its largest
+  buffer (the gathered result; the tuple also holds the operand)."""
+  runs = executions(hlo_text)
+  out: dict[str, dict] = {}
+  current = ""
+  for line in hlo_text.splitlines():
+    m = _COMPUTATION.match(line)
+    if m:
+      current = m.group(2)
+      continue
+    im = _INSTR.match(line)
+    if not im:
+      continue
+    _, type_text, op = im.groups()
+    if op.endswith("-done"):
+      continue
+    kind = op[:-len("-start")] if op.endswith("-start") else op
+    if kind not in COLLECTIVES:
+      continue
+    sizes = array_bytes(type_text)
+    size = (max(sizes) if op.endswith("-start") else sum(sizes)) if sizes else 0
+    times = max(runs.get(current, 1), 1)
+    entry = out.setdefault(kind, {"count": 0, "bytes": 0, "static_count": 0})
+    entry["count"] += times
+    entry["bytes"] += size * times
+    entry["static_count"] += 1
+  return dict(sorted(out.items()))
+
+
+def largest_values(hlo_text: str, n: int = 8) -> list[dict]:
+  """The `n` biggest instruction results (bytes per device) with the jax op that made them:
+  what to look at first when temporaries do not fit."""
+  seen = []
+  for name, op, sizes, op_name in instructions(hlo_text):
+    if op in ("parameter", "tuple", "get-tuple-element", "bitcast") or not sizes:
+      continue
+    seen.append(dict(bytes=max(sizes), hlo=name, op=op, source=op_name[-160:]))
+  seen.sort(key=lambda d: -d["bytes"])
+  return seen[:n]
+
+
+def memory(compiled) -> dict:
+  """Per-device bytes from `compiled.memory_analysis()`; `total` is what must fit at once
+  (outputs aliased to donated arguments are counted once)."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  out = dict(arguments=int(m.argument_size_in_bytes), outputs=int(m.output_size_in_bytes),
+             aliased=int(m.alias_size_in_bytes), temporaries=int(m.temp_size_in_bytes),
+             generated_code=int(m.generated_code_size_in_bytes))
+  out["total"] = (out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+                  + out["generated_code"])
+  return out
+
+
+def cost(program) -> dict:
+  """FLOPs and bytes accessed from XLA's cost analysis: per device for a compiled program,
+  for the whole computation for a lowered one. A loop body counts once whatever its trip
+  count, and Pallas kernels (custom calls) count as nothing: the plan's analytic FLOPs
+  (tml_jax.flops) are the ones MFU is stated with."""
+  c = program.cost_analysis()
+  if isinstance(c, (list, tuple)):  # older jax: one dict per program
+    c = c[0] if c else {}
+  c = c or {}
+  return dict(flops=float(c.get("flops", 0.0)),
+              bytes_accessed=float(c.get("bytes accessed", 0.0)),
+              transcendentals=float(c.get("transcendentals", 0.0)))
+
+
+_OOM = re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available "
+                  r"HBM \(([\d.]+)([KMGT]?)\)")
+
+
+def parse_oom(message: str) -> dict | None:
+  """The figures in XLA:TPU's RESOURCE_EXHAUSTED compile error, in bytes."""
+  m = _OOM.search(message)
+  if not m:
+    return None
+  unit = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+  return dict(temporaries=int(float(m.group(1)) * unit[m.group(2)]),
+              hbm=int(float(m.group(3)) * unit[m.group(4)]))
