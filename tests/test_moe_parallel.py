@@ -34,6 +34,13 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
   import jax
   import jax.numpy as jnp
   del recv_sizes  # implied by the senders' sizes
+  # The real collective's result is typed like `output` (its abstract eval); an output buffer
+  # that varies over fewer mesh axes than the operand would make autodiff sum the rows'
+  # cotangents across shards. The emulation's result is varying by construction, so check it.
+  vma = lambda a: set(getattr(getattr(jax.typeof(a), "manual_axis_type", None), "varying", ()))
+  assert vma(operand) <= vma(output), (
+      f"ragged_all_to_all output buffer varies over {sorted(vma(output))}, the operand over "
+      f"{sorted(vma(operand))}: the result would be typed invariant over the difference")
   me = jax.lax.axis_index(axis_name)
   gather = lambda a: jax.lax.all_gather(a, axis_name)
   op_S, in_off_S, size_S, out_off_S = map(gather, (operand, input_offsets, send_sizes,

@@ -43,8 +43,16 @@ HloModule jit_train_step, entry_computation_layout={...}
 %cond (p: (s32[], f32[8,128])) -> pred[] {
   ROOT %lt = pred[] compare(s32[] %i, s32[] %n), direction=LT
 }
+%body2 (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %collective-permute.6 = f32[4]{0} collective-permute(f32[4]{0} %z), source_target_pairs={{0,1},{1,0}}
+}
+%cond2 (p: (s32[], f32[4])) -> pred[] {
+  %constant.7 = s32[]{:T(128)} constant(5)
+  ROOT %lt.2 = pred[]{:T(512)} compare(%get-tuple-element.3, %constant.7), direction=LT
+}
 ENTRY %main (a: f32[8,128]) -> f32[2,10] {
   %while.9 = (s32[], f32[8,128]{1,0}) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"48"}}
+  %while.10 = (s32[], f32[4]{0}) while(%t2), condition=%cond2, body=%body2
   %all-gather-start.2 = (bf16[4,64]{1,0}, bf16[16,64]{1,0}) all-gather-start(bf16[4,64]{1,0} %p0), dimensions={0}
   %all-gather-done.2 = bf16[16,64]{1,0} all-gather-done((bf16[4,64]{1,0}, bf16[16,64]{1,0}) %all-gather-start.2)
   ROOT %reduce-scatter.3 = f32[2,10]{1,0} reduce-scatter(f32[8,10]{1,0} %g), dimensions={0}
@@ -62,6 +70,8 @@ def test_collectives_and_largest_values_from_hlo():
   assert c["all-gather"] == {"count": 1, "bytes": 16 * 64 * 2, "static_count": 1}
   assert c["reduce-scatter"] == {"count": 1, "bytes": 2 * 10 * 4, "static_count": 1}
   assert c["all-to-all"] == {"count": 1, "bytes": 2 * 4 * 4, "static_count": 1}
+  # XLA:TPU writes no known_trip_count: the bound of the condition `i < 5` is used.
+  assert c["collective-permute"] == {"count": 5, "bytes": 5 * 16, "static_count": 1}
   top = hlo.largest_values(HLO, 1)[0]
   assert (top["bytes"], top["op"], top["source"]) == (1024 * 1024 * 4, "fusion",
                                                       "jit(train_step)/big")

@@ -177,13 +177,56 @@ def _swap_ragged(x_AD, send_DE, recv_SE, experts):
   remote_off_DE = jax.lax.all_to_all(recv_off_SE, EXPERT_AXIS, 0, 0, tiled=True)
   home_off_SE = jax.lax.all_to_all(send_off_DE, EXPERT_AXIS, 0, 0, tiled=True)
   flat = lambda a: a.reshape(-1).astype(jnp.int32)
-  rows = jax.lax.ragged_all_to_all(
-      x_AD, jnp.zeros((ep * A, D), x_AD.dtype), flat(send_off_DE), flat(send_DE),
-      flat(remote_off_DE), flat(recv_SE), axis_name=EXPERT_AXIS)
+  there = tuple(map(flat, (send_off_DE, send_DE, remote_off_DE, recv_SE)))
+  back = tuple(map(flat, (recv_off_SE, recv_SE, home_off_SE, send_DE)))
+  rows = _exchange(x_AD, there, back, ep * A, _varying(x_AD))
   y_rows = experts(rows, sizes_El)
-  return jax.lax.ragged_all_to_all(
-      y_rows, jnp.zeros((A, D), y_rows.dtype), flat(recv_off_SE), flat(recv_SE),
-      flat(home_off_SE), flat(send_DE), axis_name=EXPERT_AXIS)
+  return _exchange(y_rows, back, there, A, _varying(y_rows))
+
+
+def _varying(a) -> tuple:
+  """The shard_map axes `a` varies over (its type's manual axes), sorted."""
+  mat = getattr(jax.typeof(a), "manual_axis_type", None)
+  return tuple(sorted(getattr(mat, "varying", ())))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _exchange(x, route, reverse, out_rows, axes):
+  """ragged_all_to_all of x's rows along `route` (input offsets, send sizes, output offsets,
+  receive sizes) into a zero buffer of `out_rows` typed as varying over `axes` (x's);
+  its gradient is the same exchange along `reverse`.
+
+  Found by the plan of tml_small: with the buffer mesh-invariant, the backward pass held
+  a psum of the receive buffer's cotangent over data and fsdp per layer and chunk (17.6
+  GiB per device for 3 layers), i.e. the rows' gradients summed across shards of different
+  tokens. XLA:CPU has no ragged_all_to_all, so tests run this with an emulation that types
+  its result correctly by construction; the typing here does not depend on it."""
+  del reverse
+  buf = jnp.zeros((out_rows, x.shape[1]), x.dtype)
+  if axes:
+    # The result is typed like the output buffer: a mesh-invariant zero buffer would type
+    # the received rows as equal on every data/fsdp shard, and autodiff would then sum
+    # their cotangents over those shards (wrong gradients, and a psum of the whole buffer).
+    buf = jax.lax.pcast(buf, axes, to="varying")
+  return jax.lax.ragged_all_to_all(x, buf, *route, axis_name=EXPERT_AXIS)
+
+
+def _exchange_fwd(x, route, reverse, out_rows, axes):
+  return _exchange(x, route, reverse, out_rows, axes), (route, reverse, x.shape[0])
+
+
+def _exchange_bwd(out_rows, axes, residuals, ct):
+  route, reverse, in_rows = residuals
+  del out_rows
+  dx = _exchange(ct, reverse, route, in_rows, axes)
+  missing = tuple(a for a in axes if a not in _varying(dx))
+  if missing:  # the cotangent must be typed like x (varying over the same mesh axes)
+    dx = jax.lax.pcast(dx, missing, to="varying")
+  zeros = lambda t: tuple(None for _ in t)
+  return dx, zeros(route), zeros(reverse)
+
+
+_exchange.defvjp(_exchange_fwd, _exchange_bwd)
 
 
 def _swap_padded(x_AD, send_DE, recv_SE, experts):

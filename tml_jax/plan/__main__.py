@@ -35,6 +35,8 @@ _TOKENS_PER_S = flags.DEFINE_float("tokens_per_s", None, "training throughput to
                                    "needed MFU for (default: one step per second)")
 _OUT = flags.DEFINE_string("out", "plan.json", "where the plan goes")
 _MICROTURN = flags.DEFINE_bool("microturn", True, "also compile the micro-turn step")
+_SAVE_HLO = flags.DEFINE_bool("save_hlo", False, "also write each program's optimised HLO "
+                               "text beside --out (OUT.train_step.hlo.txt, ...)")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "memory per device to plan against (GiB); "
                               "default: the chip's HBM (cpu-N: the host's RAM / N)")
 
@@ -134,7 +136,7 @@ def table(plan: dict) -> str:
                _sci(m.get("cost", {}).get("bytes_accessed")) if m else "-"))
   coll = lambda p: ", ".join(f"{k} {v['count']}x {_gib(v['bytes'])}"
                              for k, v in p.get("collectives", {}).items()) or "-"
-  rows.append(("collectives (per device)", coll(t), coll(m) if m else "-"))
+  rows.append(("collectives per step, device", coll(t), coll(m) if m else "-"))
   rows.append(("compile", f"{t['compile_s']:.0f} s", f"{m['compile_s']:.0f} s" if m else "-"))
   w = [max(len(r[i]) for r in rows) for i in range(2)]
   lines = [f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]}" for r in rows]
@@ -157,7 +159,9 @@ def table(plan: dict) -> str:
       tail.append(f"  one chip: {one.get('flops_fraction_of_chip_peak', float('nan')):.2%} of "
                   f"its peak FLOP/s, {one['chips_for_bandwidth']:.1f} chips' HBM bandwidth, "
                   f"{one['chips_for_memory']} chips' HBM to hold it")
-  tail.append("* XLA's cost analysis: loop bodies count once, Pallas kernels as 0")
+  tail.append("* XLA's cost analysis: loop bodies count once, Pallas kernels as 0. "
+              "Collectives: per step, loop bodies times their trip count; a ragged-all-to-all "
+              "by its receive buffer (an upper bound: only the routed rows move)")
   verdict = "FITS" if plan["fits"] else "DOES NOT FIT"
   tail.append(f"{verdict}: {_gib(plan['per_device_bytes'])} per device of "
               f"{_gib(plan['hbm_bytes'])}")
@@ -195,6 +199,8 @@ def main(argv):
     target = topology.Target("local", devs[0].platform, devs[0].platform, (len(devs),))
   from tml_jax.config import validate
   from tml_jax.plan import build
+  if _SAVE_HLO.value:
+    build.SAVE_HLO_TO = os.path.splitext(_OUT.value)[0]
   from tml_jax.train import sharding as shd
   from tml_jax.train.state import Setup
   config = _CONFIG.value

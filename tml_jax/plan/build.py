@@ -26,6 +26,9 @@ from tml_jax.train import sharding as shd
 from tml_jax.train.state import Setup, model_from_params
 
 
+SAVE_HLO_TO = ""  # set by --save_hlo: the optimised HLO of each program is written beside
+
+
 @dataclasses.dataclass
 class Program:
   name: str
@@ -64,6 +67,9 @@ def compile_program(name: str, platform: str, mesh, jitted, *args) -> Program:
                      dict(temporaries=oom.get("temporaries", 0), hbm=oom.get("hbm", 0)),
                      {}, {}, [], global_cost, error=str(e)[:4000])
   text = compiled.as_text()
+  if SAVE_HLO_TO:
+    with open(f"{SAVE_HLO_TO}.{name}.hlo.txt", "w") as f:
+      f.write(text)
   return Program(name, True, time.perf_counter() - t0, hlo.memory(compiled),
                  hlo.cost(compiled), hlo.collectives(text), hlo.largest_values(text),
                  global_cost)

@@ -49,11 +49,14 @@ _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
 _CALLEE = re.compile(r"\b(?:body|calls|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_CONDITION = re.compile(r"\bcondition=%?([\w.\-]+)")
+_CONSTANT = re.compile(r"%?([\w.\-]+)\s*=\s*s(?:32|64)\[\][^=]*?constant\((\d+)\)")
+_LESS_THAN = re.compile(r"ROOT .*compare\([^,]+,\s*%?([\w.\-]+)\),\s*direction=LT")
 
 
 def executions(hlo_text: str) -> dict[str, int]:
   """How many times each computation runs per call of the entry: a while body runs its
-  known trip count times its caller (a scan over 48 layers: 48), a call or branch once."""
+  trip count times its caller (a scan over 48 layers: 48), a call or branch once."""
   lines_of, entry, current = {}, None, None
   for line in hlo_text.splitlines():
     m = _COMPUTATION.match(line)
@@ -65,11 +68,25 @@ def executions(hlo_text: str) -> dict[str, int]:
       lines_of[current].append(line)
   runs: dict[str, int] = {}
 
+  def trip_count(line) -> int:
+    """known_trip_count (XLA:CPU/GPU annotate it), else the constant bound of the loop
+    condition `i < N` (XLA:TPU's HLO: jax's scans and fori_loops count 0, 1, ..., N-1)."""
+    trip = _TRIP.search(line)
+    if trip:
+      return int(trip.group(1))
+    cond = _CONDITION.search(line)
+    body = lines_of.get(cond.group(1), ()) if cond else ()
+    consts = dict(_CONSTANT.findall("\n".join(body)))
+    for b in body:
+      m = _LESS_THAN.search(b)
+      if m and m.group(1) in consts:
+        return int(consts[m.group(1)])
+    return 1
+
   def visit(name, times):
     runs[name] = runs.get(name, 0) + times
     for line in lines_of.get(name, ()):
-      trip = _TRIP.search(line)
-      factor = int(trip.group(1)) if trip and " while(" in line else 1
+      factor = trip_count(line) if " while(" in line else 1
       callees = _CALLEE.findall(line)
       for b in _BRANCHES.findall(line):
         callees += [c.strip().lstrip("%") for c in b.split(",")]

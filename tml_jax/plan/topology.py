@@ -144,6 +144,9 @@ def devices(target: Target):
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{target.generation}-"
                         f"{target.chips_per_slice * (target.chip or CHIPS['v5p']).cores_per_chip}")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  # Compile-only: no TPU is opened, so two plans may run at once (libtpu otherwise takes
+  # /tmp/libtpu_lockfile and a second process fails with "ABORTED ... lockfile").
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   kwargs = {"num_slices": target.num_slices} if target.num_slices > 1 else {}
   try:
     topo = topologies.get_topology_desc(target.libtpu_name, "tpu", **kwargs)
