@@ -17,9 +17,12 @@ Variants
              python -m tml_jax.train --config=configs/interaction.py:small --workdir=runs/small
              python -m tml_jax.params --config=configs/interaction.py:small
   tml_small  the reference system's scale: 276 B total / 12 B active. Never materialised;
-             checked by parameter counting under `jax.eval_shape`.
+             checked by parameter counting under `jax.eval_shape`, and compiled ahead of
+             time for a v5p-512 slice (no TPU needed; pip install -e ".[plan]"):
              python -m tml_jax.params --config=configs/interaction.py:tml_small
              # expected: total_params within 2 % of 276e9, active_params within 5 % of 12e9
+             python -m tml_jax.plan --config=configs/interaction.py:tml_small --topology=v5p-512
+             # expected: FITS, 39.4 GiB per chip of 95.7 (about 8 minutes on 2 cores)
 
 Modifiers (comma-separated after the variant)
   smoke      shrink corpus and run to a couple of minutes end to end (CI and scripts).
