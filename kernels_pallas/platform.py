@@ -40,6 +40,14 @@ def compile_for(platform: str):
     _TARGET.reset(token)
 
 
+def varying_axes(a) -> frozenset:
+  """The shard_map mesh axes `a` varies over (empty outside shard_map)."""
+  aval = jax.typeof(a)
+  if hasattr(aval, "vma"):  # jax < 0.11 spelling
+    return frozenset(aval.vma)
+  return frozenset(getattr(getattr(aval, "manual_axis_type", None), "varying", ()))
+
+
 def out_struct(shape, dtype, like):
   """A pallas_call out_shape varying over the same shard_map axes as `like`: inside a
   shard_map with check_vma, Pallas needs every output's manual axis type."""

@@ -15,6 +15,8 @@ def _fail(field: str, value, problem: str, fix: str):
 
 # The device mesh's axes, in mesh order (tml_jax.train.sharding builds the mesh from them).
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# Examples are split over every axis but `tensor`, which shards within an example.
+BATCH_AXES = tuple(a for a in MESH_AXES if a != "tensor")
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:

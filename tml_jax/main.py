@@ -37,14 +37,15 @@ def main(argv):
   from tml_jax.data import export_fdb
   # The evaluation writes and reads audio files with local tools: a remote run (gs://...)
   # is evaluated into a local folder (its checkpoints are still read from the bucket).
-  local = paths.local_folder(result["workdir"])
+  workdir = result["workdir"]  # resolved: file:// and relative paths made absolute
+  local = paths.local_folder(workdir)
   fdb = os.path.join(paths.local_folder(result["data_dir"]), f"fdb_test_{_PER_TASK.value}")
   # Reused only when its manifest holds the same settings (seed, durations, per_task, ...).
   export_fdb.ensure_export(fdb, "test", config.data, per_task=_PER_TASK.value,
                            log=lambda m: print(m, flush=True))
   out = os.path.join(local, "eval")
-  if local != result["workdir"]:
-    print(f"{result['workdir']} is remote: the evaluation is written to {out}", flush=True)
+  if local != workdir:
+    print(f"{workdir} is remote: the evaluation is written to {out}", flush=True)
   # Its own process: the Silero VAD's ONNX runtime aborts ("free(): invalid pointer") in a
   # process that has loaded TensorFlow, which training does (clu's metric writers).
   cmd = [sys.executable, "-m", "tml_jax.evaluate", f"--workdir={workdir}", f"--data={fdb}",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tml_jax import paths
 from tml_jax.data.speak_labels import CONDITIONS, chunk_conditions, voiced_chunks
 
 __all__ = ["CONDITIONS", "chunk_conditions", "voiced_chunks", "summarize", "table_md",
@@ -105,7 +106,6 @@ def plot_probe(probes: dict[str, dict], path: str, history: list[dict] | None = 
     ax2.set_title("P(speak) per condition (teacher-forced, validation)")
     ax2.legend(fontsize=7)
   fig.tight_layout()
-  from tml_jax import paths
   return paths.save_figure(fig, path)
 
 
@@ -216,7 +216,6 @@ def main(argv=None):
   trained run's newest checkpoint; writes W/speak_probe.json and W/speak_probe.png."""
   import argparse
   from flax import nnx
-  from tml_jax import paths
   from tml_jax.serve.engine import load_config
   from tml_jax.serve.stream import serving_config
   from tml_jax.train.checkpoint import restore_params

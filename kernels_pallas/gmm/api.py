@@ -15,7 +15,7 @@ from jax import lax
 
 from kernels_pallas.gmm import mosaic, reference, tile_scan, triton
 from kernels_pallas.gmm.schedule import BlockSizes
-from kernels_pallas.platform import target_platform
+from kernels_pallas.platform import target_platform, varying_axes
 
 BACKENDS = ("triton", "mosaic", "xla", "ragged_dot")
 
@@ -75,14 +75,6 @@ def _gmm_bwd(backend, block_sizes, interpret, residuals, grad):
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
-def _varying_axes(a) -> frozenset:
-  aval = jax.typeof(a)
-  if hasattr(aval, "vma"):  # jax < 0.11 spelling
-    return frozenset(aval.vma)
-  mat = getattr(aval, "manual_axis_type", None)
-  return frozenset(getattr(mat, "varying", ()))
-
-
 def _vary_alike(x, y, group_sizes):
   """Inside shard_map: make x and y vary over the union of the three inputs' mesh axes.
 
@@ -91,7 +83,7 @@ def _vary_alike(x, y, group_sizes):
   varying first lets autodiff insert the psum that transposes that cast (as it does for
   lax.ragged_dot). Outside shard_map every vma is empty and this is a no-op.
   """
-  vmas = [_varying_axes(a) for a in (x, y, group_sizes)]
+  vmas = [varying_axes(a) for a in (x, y, group_sizes)]
   union = frozenset().union(*vmas)
   cast = lambda a, v: a if v == union else lax.pcast(a, tuple(sorted(union - v)), to="varying")
   return cast(x, vmas[0]), cast(y, vmas[1])

@@ -41,6 +41,7 @@ import time
 import numpy as np
 import tensorflow_datasets as tfds
 
+from tml_jax import paths
 from tml_jax.audio.constants import N_MELS
 from tml_jax.data.conversation import featurise, to_conversation  # noqa: F401 (API)
 from tml_jax.data.scenarios import generate
@@ -168,7 +169,6 @@ def build(data_dir: str, data_cfg, *, workers: int | None = None) -> tfds.core.D
 
 def dataset_dir(data_dir: str, data_cfg=None) -> str:
   """The versioned folder of one build: data_dir/tml_duplex/<config name>/<version>."""
-  from tml_jax import paths
   root = paths.join(data_dir, "tml_duplex")
   if data_cfg is not None:
     name = TmlDuplexConfig.from_data_config(data_cfg).name
@@ -190,7 +190,6 @@ def dataset_dir(data_dir: str, data_cfg=None) -> str:
 
 def default_dir(data_cfg, workdir: str) -> str:
   """data_cfg.dir, or data/ beside a run's workdir (where the main job builds the corpus)."""
-  from tml_jax import paths
   return paths.resolve(data_cfg.dir) if data_cfg.dir else paths.join(paths.parent(workdir),
                                                                        "data")
 

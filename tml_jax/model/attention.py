@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from kernels_pallas.platform import target_platform
+from tml_jax.config import BATCH_AXES
 from tml_jax.microturn import TokenMeta, microturn_mask
 from tml_jax.model.layers import DTYPES, fan_in_init, param, rope
 
@@ -42,7 +43,6 @@ def dense_attention(q_BLHD, k_BMKD, v_BMKD, q_meta: TokenMeta, kv_meta: TokenMet
   return out.reshape(B, L, H, Dh).astype(q_BLHD.dtype)
 
 
-BATCH_AXES = ("data", "fsdp", "expert")  # the mesh axes examples are split over
 HEAD_AXIS = "tensor"
 
 

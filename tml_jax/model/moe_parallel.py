@@ -36,11 +36,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from kernels_pallas.platform import target_platform
+from kernels_pallas.platform import target_platform, varying_axes
 from tml_jax.model import router
 from tml_jax.model.experts import grouped_swiglu
 
-TOKEN_AXES = ("data", "fsdp", "expert")
+TOKEN_AXES = ("data", "fsdp", "expert")  # tml_jax.config.BATCH_AXES (config imports this module)
 EXPERT_AXIS = "expert"
 TENSOR_AXIS = "tensor"
 
@@ -185,9 +185,7 @@ def _swap_ragged(x_AD, send_DE, recv_SE, experts):
 
 
 def _varying(a) -> tuple:
-  """The shard_map axes `a` varies over (its type's manual axes), sorted."""
-  mat = getattr(jax.typeof(a), "manual_axis_type", None)
-  return tuple(sorted(getattr(mat, "varying", ())))
+  return tuple(sorted(varying_axes(a)))  # hashable and ordered: a nondiff argument
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

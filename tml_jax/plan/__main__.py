@@ -199,8 +199,7 @@ def main(argv):
     target = topology.Target("local", devs[0].platform, devs[0].platform, (len(devs),))
   from tml_jax.config import validate
   from tml_jax.plan import build
-  if _SAVE_HLO.value:
-    build.SAVE_HLO_TO = os.path.splitext(_OUT.value)[0]
+  save_hlo = os.path.splitext(_OUT.value)[0] if _SAVE_HLO.value else ""
   from tml_jax.train import sharding as shd
   from tml_jax.train.state import Setup
   config = _CONFIG.value
@@ -213,12 +212,12 @@ def main(argv):
   platform = "gpu" if target.platform in ("cuda", "gpu", "rocm") else target.platform
   print(f"planning {config.variant} for {target.name}: {len(devs)} devices, mesh "
         f"{dict(setup.mesh.shape)}; compiling the train step ...", flush=True)
-  train, train_info = build.train_step(config, setup, platform)
+  train, train_info = build.train_step(config, setup, platform, save_hlo)
   micro = micro_info = None
   if _MICROTURN.value:
     print(f"train step compiled in {train.compile_s:.0f} s; compiling the micro-turn step ...",
           flush=True)
-    micro, micro_info = build.microturn_step(config, setup, platform)
+    micro, micro_info = build.microturn_step(config, setup, platform, save_hlo)
   plan = summarise(target, chip, hbm, train, train_info, micro, micro_info, setup,
                    _TOKENS_PER_S.value)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)

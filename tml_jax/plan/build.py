@@ -26,9 +26,6 @@ from tml_jax.train import sharding as shd
 from tml_jax.train.state import Setup, model_from_params
 
 
-SAVE_HLO_TO = ""  # set by --save_hlo: the optimised HLO of each program is written beside
-
-
 @dataclasses.dataclass
 class Program:
   name: str
@@ -47,9 +44,11 @@ class Program:
     return dataclasses.asdict(self)
 
 
-def compile_program(name: str, platform: str, mesh, jitted, *args) -> Program:
+def compile_program(name: str, platform: str, mesh, jitted, *args,
+                    save_hlo: str = "") -> Program:
   """Lowers and compiles `jitted(*args)` for `platform`; a compile that runs out of device
-  memory is a plan that does not fit, reported with the compiler's figures."""
+  memory is a plan that does not fit, reported with the compiler's figures. `save_hlo`: a
+  path prefix; the optimised HLO is written to PREFIX.NAME.hlo.txt."""
   t0 = time.perf_counter()
   with compile_for(platform), jax.set_mesh(mesh):
     lowered = jitted.trace(*args).lower()
@@ -67,21 +66,26 @@ def compile_program(name: str, platform: str, mesh, jitted, *args) -> Program:
                      dict(temporaries=oom.get("temporaries", 0), hbm=oom.get("hbm", 0)),
                      {}, {}, [], global_cost, error=str(e)[:4000])
   text = compiled.as_text()
-  if SAVE_HLO_TO:
-    with open(f"{SAVE_HLO_TO}.{name}.hlo.txt", "w") as f:
+  if save_hlo:
+    with open(f"{save_hlo}.{name}.hlo.txt", "w") as f:
       f.write(text)
   return Program(name, True, time.perf_counter() - t0, hlo.memory(compiled),
                  hlo.cost(compiled), hlo.collectives(text), hlo.largest_values(text),
                  global_cost)
 
 
+def _shard(x) -> tuple:
+  """The per-device shape of a (sharded) ShapeDtypeStruct."""
+  return tuple(x.sharding.shard_shape(x.shape)) if x.sharding is not None else tuple(x.shape)
+
+
+def _shard_bytes(x) -> int:
+  return int(np.prod(_shard(x))) * jnp.dtype(x.dtype).itemsize
+
+
 def per_device_bytes(abstract) -> int:
   """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
-  total = 0
-  for x in jax.tree.leaves(abstract):
-    shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
-    total += int(np.prod(shape)) * jnp.dtype(x.dtype).itemsize
-  return total
+  return sum(_shard_bytes(x) for x in jax.tree.leaves(abstract))
 
 
 def largest_leaves(tree, n: int = 6) -> list[dict]:
@@ -89,10 +93,8 @@ def largest_leaves(tree, n: int = 6) -> list[dict]:
   key = lambda k: str(getattr(k, "key", getattr(k, "idx", k)))
   out = []
   for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    shard = x.sharding.shard_shape(x.shape)
     out.append(dict(path="/".join(key(k) for k in path), shape=list(x.shape),
-                    per_device_shape=list(shard),
-                    bytes=int(np.prod(shard)) * jnp.dtype(x.dtype).itemsize))
+                    per_device_shape=list(_shard(x)), bytes=_shard_bytes(x)))
   out.sort(key=lambda d: -d["bytes"])
   return out[:n]
 
@@ -108,12 +110,12 @@ def abstract_batch(config, sharding):
       lambda x: jax.ShapeDtypeStruct((B,) + x.shape[1:], x.dtype, sharding=sharding), row)
 
 
-def train_step(config, setup: Setup, platform: str) -> tuple[Program, dict]:
+def train_step(config, setup: Setup, platform: str, save_hlo: str = "") -> tuple[Program, dict]:
   """The compiled train step and what the plan derives from its shapes."""
   row, batch = abstract_batch(config, setup.batch_sharding)
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=shd.replicated(setup.mesh))
   prog = compile_program("train_step", platform, setup.mesh, setup._train_step_jit,
-                         setup.abstract_state, batch, rng)
+                         setup.abstract_state, batch, rng, save_hlo=save_hlo)
   B = config.train.batch_size
   tokens = B * int(np.asarray(row["meta"].segment).shape[1])
   info = dict(
@@ -128,7 +130,8 @@ def train_step(config, setup: Setup, platform: str) -> tuple[Program, dict]:
   return prog, info
 
 
-def microturn_step(config, setup: Setup, platform: str) -> tuple[Program, dict]:
+def microturn_step(config, setup: Setup, platform: str,
+                   save_hlo: str = "") -> tuple[Program, dict]:
   """One micro-turn of one conversation on the slice: the parameters sharded as in training,
   the ring cache (batch 1) replicated, exactly `InteractionModel.step` as serving jits it."""
   cfg, mesh = setup.cfg, setup.mesh
@@ -155,7 +158,8 @@ def microturn_step(config, setup: Setup, platform: str) -> tuple[Program, dict]:
   prog = compile_program("microturn_step", platform, mesh, jitted,
                          setup.abstract_state["params"], cache, obs, spec((), jnp.int32),
                          spec((lay.model_text,), jnp.int32),
-                         spec((), jax.random.key(0).dtype), spec((), jnp.float32))
+                         spec((), jax.random.key(0).dtype), spec((), jnp.float32),
+                         save_hlo=save_hlo)
   info = dict(tokens_per_microturn=lay.chunk_len, chunk_s=config.layout.chunk_ms / 1000,
               cache_bytes=per_device_bytes(cache), text_slots=lay.model_text,
               flow_steps=flow_steps,

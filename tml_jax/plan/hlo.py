@@ -33,20 +33,9 @@ def array_bytes(type_text: str) -> list[int]:
   return out
 
 
-def instructions(hlo_text: str):
-  """(name, op, result bytes, op_name metadata) for every instruction."""
-  for line in hlo_text.splitlines():
-    m = _INSTR.match(line)
-    if not m:
-      continue
-    name, type_text, op = m.groups()
-    sizes = array_bytes(type_text)
-    meta = _OP_NAME.search(line)
-    yield name, op, sizes, meta.group(1) if meta else ""
-
-
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
 _CALLEE = re.compile(r"\b(?:body|calls|true_computation|false_computation)=%?([\w.\-]+)")
+_BODY = re.compile(r"\bbody=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _CONDITION = re.compile(r"\bcondition=%?([\w.\-]+)")
@@ -54,9 +43,8 @@ _CONSTANT = re.compile(r"%?([\w.\-]+)\s*=\s*s(?:32|64)\[\][^=]*?constant\((\d+)\
 _LESS_THAN = re.compile(r"ROOT .*compare\([^,]+,\s*%?([\w.\-]+)\),\s*direction=LT")
 
 
-def executions(hlo_text: str) -> dict[str, int]:
-  """How many times each computation runs per call of the entry: a while body runs its
-  trip count times its caller (a scan over 48 layers: 48), a call or branch once."""
+def computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+  """({computation name: its instruction lines}, the entry computation's name)."""
   lines_of, entry, current = {}, None, None
   for line in hlo_text.splitlines():
     m = _COMPUTATION.match(line)
@@ -66,6 +54,25 @@ def executions(hlo_text: str) -> dict[str, int]:
       entry = current if m.group(1) else entry
     elif current is not None:
       lines_of[current].append(line)
+  return lines_of, entry
+
+
+def instructions(hlo_text: str):
+  """(computation, name, op, result bytes, op_name metadata) for every instruction."""
+  for comp, lines in computations(hlo_text)[0].items():
+    for line in lines:
+      m = _INSTR.match(line)
+      if not m:
+        continue
+      name, type_text, op = m.groups()
+      meta = _OP_NAME.search(line)
+      yield comp, name, op, array_bytes(type_text), meta.group(1) if meta else ""
+
+
+def executions(hlo_text: str) -> dict[str, int]:
+  """How many times each computation runs per call of the entry: a while body runs its
+  trip count times its caller (a scan over 48 layers: 48), a call or branch once."""
+  lines_of, entry = computations(hlo_text)
   runs: dict[str, int] = {}
 
   def trip_count(line) -> int:
@@ -86,45 +93,36 @@ def executions(hlo_text: str) -> dict[str, int]:
   def visit(name, times):
     runs[name] = runs.get(name, 0) + times
     for line in lines_of.get(name, ()):
-      factor = trip_count(line) if " while(" in line else 1
       callees = _CALLEE.findall(line)
       for b in _BRANCHES.findall(line):
         callees += [c.strip().lstrip("%") for c in b.split(",")]
+      body = _BODY.search(line)
       for callee in callees:
         if callee in lines_of:
-          visit(callee, times * (factor if f"body=%{callee}" in line or
-                                 f"body={callee}" in line else 1))
+          loop = body is not None and callee == body.group(1)
+          visit(callee, times * (trip_count(line) if loop else 1))
 
   if entry is not None:
     visit(entry, 1)
-  return {name: runs.get(name, 0) for name in lines_of} | {"": 1}
+  return runs
 
 
 def collectives(hlo_text: str) -> dict:
   """{kind: {"count", "bytes", "static_count"}} per device and step: each collective times
-  the runs of the computation holding it (`executions`), and `static_count` as written. An
-  async pair (`all-gather-start` / `-done`) counts once, at its start, by its largest
-  buffer (the gathered result; the tuple also holds the operand)."""
+  the runs of the computation holding it (`executions`; one reached no other way counts
+  once), and `static_count` as written. An async pair (`all-gather-start` / `-done`) counts
+  once, at its start, by its largest buffer (the gathered result; the tuple also holds the
+  operand)."""
   runs = executions(hlo_text)
   out: dict[str, dict] = {}
-  current = ""
-  for line in hlo_text.splitlines():
-    m = _COMPUTATION.match(line)
-    if m:
-      current = m.group(2)
-      continue
-    im = _INSTR.match(line)
-    if not im:
-      continue
-    _, type_text, op = im.groups()
+  for comp, _, op, sizes, _ in instructions(hlo_text):
     if op.endswith("-done"):
       continue
     kind = op[:-len("-start")] if op.endswith("-start") else op
     if kind not in COLLECTIVES:
       continue
-    sizes = array_bytes(type_text)
     size = (max(sizes) if op.endswith("-start") else sum(sizes)) if sizes else 0
-    times = max(runs.get(current, 1), 1)
+    times = max(runs.get(comp, 1), 1)
     entry = out.setdefault(kind, {"count": 0, "bytes": 0, "static_count": 0})
     entry["count"] += times
     entry["bytes"] += size * times
@@ -136,7 +134,7 @@ def largest_values(hlo_text: str, n: int = 8) -> list[dict]:
   """The `n` biggest instruction results (bytes per device) with the jax op that made them:
   what to look at first when temporaries do not fit."""
   seen = []
-  for name, op, sizes, op_name in instructions(hlo_text):
+  for _, name, op, sizes, op_name in instructions(hlo_text):
     if op in ("parameter", "tuple", "get-tuple-element", "bitcast") or not sizes:
       continue
     seen.append(dict(bytes=max(sizes), hlo=name, op=op, source=op_name[-160:]))

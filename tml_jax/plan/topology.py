@@ -141,8 +141,9 @@ def devices(target: Target):
   from jax.experimental import topologies
   # libtpu looks for a TPU VM's metadata; on a host without one it only needs to be told
   # which accelerator it compiles for (and no workers).
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{target.generation}-"
-                        f"{target.chips_per_slice * (target.chip or CHIPS['v5p']).cores_per_chip}")
+  cores = target.chip.cores_per_chip if target.chip else 1
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE",
+                        f"{target.generation}-{target.chips_per_slice * cores}")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   # Compile-only: no TPU is opened, so two plans may run at once (libtpu otherwise takes
   # /tmp/libtpu_lockfile and a second process fails with "ABORTED ... lockfile").

@@ -21,6 +21,7 @@ import os
 import jax
 import numpy as np
 
+from tml_jax import paths
 from tml_jax.audio import dmel, io, vocoder
 from tml_jax.microturn import ChunkLayout
 from tml_jax.serve import outputs
@@ -210,7 +211,6 @@ def _blas_threads(n: int):
 def calibrated_threshold(workdir: str) -> float:
   """The speak threshold the trainer calibrated on validation (W/speak_threshold.json), or
   0.5 when the run has none (no speak gate, or no final report yet)."""
-  from tml_jax import paths
   path = paths.join(workdir, "speak_threshold.json")
   if not paths.exists(path):
     return 0.5
@@ -220,7 +220,6 @@ def calibrated_threshold(workdir: str) -> float:
 def load_config(workdir: str | None, config=None):
   """W/config.json (written by the trainer) wins; else `config`; else the tiny default."""
   import ml_collections as mlc
-  from tml_jax import paths
   path = paths.join(workdir, "config.json") if workdir else None
   if path and paths.exists(path):
     return mlc.ConfigDict(paths.read_json(path))

@@ -11,11 +11,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tml_jax.config import MESH_AXES, mesh_shape  # noqa: F401 (MESH_AXES re-exported)
+from tml_jax.config import BATCH_AXES, MESH_AXES, mesh_shape  # noqa: F401 (re-exported)
 from tml_jax.microturn import TokenMeta
 
-# Examples are split over every axis but `tensor`, which shards within an example.
-BATCH_AXES = tuple(a for a in MESH_AXES if a != "tensor")
 
 
 def make_mesh(config, devices=None) -> Mesh:
