@@ -114,6 +114,44 @@ def test_model_stays_silent_during_mid_utterance_pauses():
     assert answer.start_s == pytest.approx(turn.end_s + answer.data["latency_s"], abs=2e-3)
 
 
+def test_a_paused_turn_is_one_synthesis_cut_at_the_pause():
+  """The words before a pause keep the intonation of an unfinished sentence: the turn is
+  synthesised once and cut at the word boundary, never spoken as two sentences."""
+  from tml_jax.data.scene import Scene
+  s = Scene(np.random.default_rng(5), "train", 20.0)
+  pieces = ["I would like to book a table for, um,", "four people tomorrow evening."]
+  spans = s.say_paused("user", pieces, [1.3], 1.0)
+  whole = s.synth("user", " ".join(pieces))
+  head, tail = whole.slice(0, 9), whole.slice(9, len(whole.words))
+  assert [w for w, _, _ in head.words][-2:] == ["for", "um"]
+  assert [w for w, _, _ in tail.words] == ["four", "people", "tomorrow", "evening"]
+  for (a, _), part in zip(spans, (head, tail)):
+    i = int(round(a * SR))
+    np.testing.assert_allclose(s.tracks["user"][i:i + len(part.wav)], part.wav, atol=1e-6)
+  assert spans[1][0] == pytest.approx(spans[0][1] + 1.3, abs=1e-3)
+  (pause,) = [e for e in s.events if e.kind == "pause"]
+  assert (pause.start_s, pause.end_s) == pytest.approx((spans[0][1], spans[1][0]), abs=1e-3)
+  # Spoken alone, an unfinished fragment would end as a sentence: its last word lengthened.
+  whole = s.synth("user", "I would like to book a table for four people tomorrow evening.")
+  alone, cut = s.synth("user", "I would like to book a table for"), whole.slice(0, 8)
+  assert cut.words[-1][0] == alone.words[-1][0] == "for"
+  assert (alone.words[-1][2] - alone.words[-1][1]) > (cut.words[-1][2] - cut.words[-1][1])
+  # the user is silent in the pause, the words' times are the placed audio's
+  assert rms(s.tracks["user"], spans[0][1] + 0.01, spans[1][0] - 0.01) == 0.0
+  user_words = [w for w in s.words if w.speaker == "user"]
+  assert len(user_words) == 13
+  assert user_words[9].start_s == pytest.approx(spans[1][0], abs=1e-3)
+
+
+def test_training_questions_pause_but_the_test_split_keeps_fdb_turns():
+  def pauses(split):
+    return sum(len(scenarios.generate(split, i, seed=3, duration_s=DUR,
+                                      scenario="turn_taking").events_of("pause"))
+               for i in range(8))
+  assert pauses("train") >= 2 and pauses("validation") >= 1
+  assert pauses("test") == 0
+
+
 def test_interruption_model_stops_within_the_annotated_time():
   for i in range(3):
     c = conv("interruption", index=i)

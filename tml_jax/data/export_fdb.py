@@ -316,7 +316,8 @@ def export_settings(split: str, data_cfg, per_task: int | None,
                     data_dir: str | None) -> dict:
   """Everything that changes what an export writes (the key of the main job's cache)."""
   cfg = data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else dict(data_cfg)
-  return json.loads(json.dumps(dict(format=FORMAT, split=split, per_task=per_task,
+  return json.loads(json.dumps(dict(format=FORMAT, corpus=scenarios.CORPUS_VERSION,
+                                    split=split, per_task=per_task,
                                     data_dir=os.path.abspath(data_dir) if data_dir else None,
                                     data=cfg), default=str, sort_keys=True))
 

@@ -22,6 +22,10 @@ from tml_jax.data import templates as T
 from tml_jax.data.conversation import CHUNK_S, HOLDOUT_EVERY, SPEAKERS, Event, Word
 
 
+# Share of plain exchanges (train and validation) whose question has a mid-utterance pause.
+PAUSED_SHARE = 0.3
+
+
 @dataclasses.dataclass(frozen=True)
 class _Voice:
   name: str
@@ -117,6 +121,48 @@ class Scene:
     end = self.place(speaker, self.synth(speaker, text), start_s, **kw)
     return None if end is None else (round(start_s, 4), round(end, 4))
 
+  def say_paused(self, speaker: str, pieces: list[str], pauses: list[float],
+                 start_s: float) -> list[tuple[float, float]]:
+    """One turn said as a single synthesis and cut at the pieces' word boundaries, with
+    `pauses[i]` seconds of silence after piece i; returns the placed pieces' spans (fewer
+    when the conversation ends). Each "pause" is annotated (model_silent).
+
+    Synthesising the pieces separately would give every piece a sentence-final fall and
+    lengthening: a pause would then sound exactly like the end of a turn, and nothing in
+    the audio could tell the model to wait. People pausing mid-sentence do not sound
+    finished either; cut from one synthesis, the words before the pause keep the
+    intonation and timing of a sentence that goes on.
+    """
+    counts = [len(p.split()) for p in pieces]
+    utt = self.synth(speaker, " ".join(pieces))
+    if len(utt.words) == sum(counts):
+      bounds = np.cumsum([0] + counts)
+      parts = [utt.slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    else:  # espeak merged or dropped a token: the pieces' boundaries are not known
+      parts = [self.synth(speaker, p) for p in pieces]
+    spans, t = [], start_s
+    for i, part in enumerate(parts):
+      end = self.place(speaker, part, t)
+      if end is None:
+        break
+      if spans:  # a pause is one only when the turn goes on after it
+        self.event("pause", spans[-1][1], t, model_silent=True)
+      spans.append((round(t, 4), round(end, 4)))
+      t = end + (pauses[i] if i < len(pauses) else 0.0)
+    return spans
+
+  def paused_pieces(self, text: str) -> list[str] | None:
+    """`text` split for one mid-utterance pause at a word boundary away from its ends,
+    half of the time with a filler before the pause; None when too short to pause in."""
+    words = text.split()
+    if len(words) < 5:
+      return None
+    k = int(self.rng.integers(2, len(words) - 1))
+    head = " ".join(words[:k]).rstrip(",")
+    if self.rng.random() < 0.5:
+      head = f"{head}, {self.choice(T.FILLERS)},"
+    return [head, " ".join(words[k:])]
+
   def event(self, kind: str, start_s: float, end_s: float, **data) -> Event:
     ev = Event(kind, round(float(start_s), 4), round(float(end_s), 4), data)
     self.events.append(ev)
@@ -133,10 +179,21 @@ class Scene:
       return False
     q, a = self.pick(T.TURN_PAIRS, "turn_pairs")
     q, a = self.fill(q), self.fill(a)
+    # Training and validation users also pause inside their questions (PAUSED_SHARE): the
+    # pause_handling scenario alone gives too few pauses to learn "wait" from "answer".
+    # The test split keeps FDB's turn-taking shape (no pause before the turn end).
+    pieces = (self.paused_pieces(q) if self.split != "test"
+              and self.rng.random() < PAUSED_SHARE else None)
+    pause = [self.uniform(0.6, 2.0)] if pieces else []
     q_utt, a_utt, lat = self.synth("user", q), self.synth("model", a), self.latency()
-    if until is not None and self.t + q_utt.duration_s + lat + a_utt.duration_s > until:
+    if until is not None and (self.t + q_utt.duration_s + sum(pause) + lat
+                              + a_utt.duration_s > until):
       return False
-    end = self.place("user", q_utt, self.t)
+    if pieces:
+      spans = self.say_paused("user", pieces, pause, self.t)
+      end = spans[-1][1] if spans else None
+    else:
+      end = self.place("user", q_utt, self.t)
     if end is None:
       return False
     self.event("user_turn", self.t, end, text=q)

@@ -90,6 +90,27 @@ class Utterance:
   def duration_s(self) -> float:
     return len(self.wav) / SAMPLE_RATE
 
+  def slice(self, i: int, j: int) -> "Utterance":
+    """Words i..j-1 as an utterance of their own: the audio from word i's start to word
+    j-1's end (10 ms fade-out where speech continued), times from the new start.
+
+    Cutting one synthesis at a word boundary keeps the words' own prosody: what comes
+    before a mid-utterance pause still sounds unfinished, as it does when people pause.
+    """
+    if not 0 <= i < j <= len(self.words):
+      raise ValueError(f"slice({i}, {j}) of an utterance with {len(self.words)} words")
+    a = int(round(self.words[i][1] * SAMPLE_RATE))
+    b = int(round(self.words[j - 1][2] * SAMPLE_RATE)) if j < len(self.words) else len(self.wav)
+    wav = self.wav[a:b].copy()
+    if j < len(self.words):
+      fade = min(160, len(wav))
+      wav[len(wav) - fade:] *= np.linspace(1.0, 0.0, fade, dtype=np.float32)
+    t0 = self.words[i][1]
+    words = tuple((w, round(s - t0, 4), round(min(e - t0, len(wav) / SAMPLE_RATE), 4))
+                  for w, s, e in self.words[i:j])
+    return Utterance(wav=wav, words=words, voice=self.voice,
+                     text=" ".join(w for w, _, _ in words))
+
 
 class _EventId(ctypes.Union):
   _fields_ = [("number", ctypes.c_int), ("name", ctypes.c_char_p), ("string", ctypes.c_char * 8)]

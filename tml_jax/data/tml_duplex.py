@@ -44,7 +44,7 @@ import tensorflow_datasets as tfds
 from tml_jax import paths
 from tml_jax.audio.constants import N_MELS
 from tml_jax.data.conversation import featurise, to_conversation  # noqa: F401 (API)
-from tml_jax.data.scenarios import generate
+from tml_jax.data.scenarios import CORPUS_VERSION, generate
 _SPLITS = {"train": "num_train", "validation": "num_validation", "test": "num_test"}
 
 
@@ -79,8 +79,10 @@ def _make_example(args: tuple[str, int, int, float]) -> tuple[str, dict, float]:
 class TmlDuplex(tfds.core.GeneratorBasedBuilder):
   """Synthetic two-channel conversations with word timestamps and cached dMel features."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release: 13 scenarios, eSpeak NG voices, cached dMel."}
+  VERSION = tfds.core.Version(CORPUS_VERSION)
+  RELEASE_NOTES = {"1.0.0": "First release: 13 scenarios, eSpeak NG voices, cached dMel.",
+                   "1.1.0": "Pauses keep their unfinished intonation (one synthesis cut at "
+                            "the pause); 30 % of plain training questions pause."}
   BUILDER_CONFIGS = [TmlDuplexConfig(name="default")]
   # Record i is conversation i (grain shuffles at read time), so an id maps to its position.
   disable_shuffling = True

@@ -23,25 +23,18 @@ def turn_taking(s: Scene):
 
 def pause_handling(s: Scene):
   """A user turn broken by 0.6-2 s pauses after unfinished syntax and fillers: the model
-  waits for the end of the turn."""
+  waits for the end of the turn. The turn is one synthesis cut at the pauses, so what comes
+  before a pause keeps its unfinished intonation (`Scene.say_paused`)."""
   fragments, answer = s.pick(T.PAUSED_TURNS, "paused_turns")
   fragments, answer = [s.fill(f) for f in fragments], s.fill(answer)
-  t, first, text = s.t, None, []
-  for i, frag in enumerate(fragments):
-    if i < len(fragments) - 1 and s.rng.random() < 0.7:
-      frag = f"{frag}, {s.choice(T.FILLERS)}"
-    span = s.say("user", frag, t)
-    if span is None:
-      break
-    first = first or span[0]
-    text.append(frag)
-    if i < len(fragments) - 1:
-      pause = s.uniform(0.6, 2.0)
-      s.event("pause", span[1], span[1] + pause, model_silent=True)
-      t = span[1] + pause
-    else:
-      t = span[1]
-  s.event("user_turn", first, t, text=" ".join(text))
+  pieces = [f"{frag}, {s.choice(T.FILLERS)}," if i < len(fragments) - 1
+            and s.rng.random() < 0.7 else frag for i, frag in enumerate(fragments)]
+  pauses = [s.uniform(0.6, 2.0) for _ in pieces[:-1]]
+  spans = s.say_paused("user", pieces, pauses, s.t)
+  if not spans:
+    return
+  t = spans[-1][1]
+  s.event("user_turn", spans[0][0], t, text=" ".join(pieces[:len(spans)]))
   lat = s.latency()
   model = s.say("model", answer, t + lat)
   if model is not None:
