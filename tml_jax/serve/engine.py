@@ -45,7 +45,8 @@ class Engine:
 
   def __init__(self, model, config, *, temperature: float | None = None,
                griffin_lim_iters: int | None = None, tools: dict | None = None,
-               generate=None, warmup: bool = True, speak_threshold: float | None = None):
+               generate=None, warmup: bool = True, speak_threshold: float | None = None,
+               keep_threshold: float | None = None):
     serve = config.get("serve", {})
     self.config = config
     self.lay = ChunkLayout.from_config(config.layout)
@@ -59,6 +60,12 @@ class Engine:
       speak_threshold = serve.get("speak_threshold", "auto")
       speak_threshold = 0.5 if speak_threshold == "auto" else float(speak_threshold)
     self.speak_threshold = speak_threshold
+    # Hysteresis, as voice-activity detectors do it: the calibrated threshold starts speech
+    # (a false start is a taken turn), a lower one keeps it going (`keep_threshold`).
+    if keep_threshold is None:
+      keep = serve.get("speak_keep_threshold", "auto")
+      keep_threshold = min(0.5, speak_threshold) if keep == "auto" else float(keep)
+    self.keep_threshold = float(keep_threshold)
     self.stream = StreamingModel(model, flow_steps=config.model.flow_steps,
                                  speak_threshold=speak_threshold)
     bg = getattr(model, "background", None)

@@ -69,6 +69,7 @@ class Session:
     self.user_dm, self.self_dm = dmel.DMelStream(lay.user_audio), dmel.DMelStream(lay.self_audio)
     self.fifo = TextFifo(lay.text_in, capacity=engine.text_in_capacity)
     self.played = np.zeros(engine.chunk_samples, np.float32)
+    self.speaking = False  # did the gate let the last chunk speak (then keep_threshold holds)
     self.events, self.records = [], []
     self.key = jax.random.key(engine.seed if seed is None else seed)
     self.text_at = sorted(text_at)
@@ -122,7 +123,10 @@ class Session:
                text_in=self.fifo.take()[None, None], video_valid=np.bool_(video_valid))
     if video is not None:
       obs["video"] = video
-    out = self.sm.step(obs, rng=jax.random.fold_in(self.key, t), temperature=e.temperature)
+    threshold = e.keep_threshold if self.speaking else e.speak_threshold
+    out = self.sm.step(obs, rng=jax.random.fold_in(self.key, t), temperature=e.temperature,
+                       speak_threshold=threshold)
+    self.speaking = float(out["p_speak"]) >= threshold
     tokens = np.asarray(out["tokens"]).tolist()
     wav = vocoder.vocode(np.asarray(out["mel"]), n_iter=e.gl_iters)[:e.chunk_samples]
     bad = ~np.isfinite(wav)

@@ -53,10 +53,11 @@ class StreamingModel:
     self._step = jax.jit(self._pure_step, static_argnames=("with_prefix",), donate_argnums=(1,))
     self.reset()
 
-  def _pure_step(self, state, cache, obs, t, forced_T, rng, temperature, *, with_prefix):
+  def _pure_step(self, state, cache, obs, t, forced_T, rng, temperature, speak_threshold, *,
+                 with_prefix):
     model = nnx.merge(self.graphdef, state)
     return model.step(cache, obs, t, forced_T, rng, temperature, flow_steps=self.flow_steps,
-                      with_prefix=with_prefix, speak_threshold=self.speak_threshold)
+                      with_prefix=with_prefix, speak_threshold=speak_threshold)
 
   def reset(self):
     self.cache = init_cache(self.cfg)
@@ -69,7 +70,10 @@ class StreamingModel:
     other.reset()
     return other
 
-  def step(self, obs: dict, *, forced_T=None, rng=None, temperature: float = 0.0) -> dict:
+  def step(self, obs: dict, *, forced_T=None, rng=None, temperature: float = 0.0,
+           speak_threshold: float | None = None) -> dict:
+    """One chunk. speak_threshold: this chunk's gate threshold (a traced argument, so a
+    session may change it every chunk without a compile); default the model's own."""
     lay = self.cfg.layout
     forced_T = np.full((lay.model_text,), -1, np.int32) if forced_T is None else np.asarray(
         forced_T, np.int32)
@@ -79,6 +83,8 @@ class StreamingModel:
       obs = dict(obs, prefix=np.full((1, lay.prefix), tok.PAD, np.int32))
     self.cache, out = self._step(self.state, self.cache, obs, jnp.int32(self.t),
                                  jnp.asarray(forced_T), rng, jnp.float32(temperature),
+                                 jnp.float32(self.speak_threshold if speak_threshold is None
+                                             else speak_threshold),
                                  with_prefix=with_prefix)
     self.t += 1
     return out
