@@ -113,6 +113,10 @@ def _model(**overrides) -> mlc.ConfigDict:
   # A binary "speak in chunk t+1" head beside the text softmax; the engine stays silent
   # when it says no (serve.speak_threshold). False for configs saved before it existed.
   c.speak_gate = True
+  # The gate also reads the chunk's USER_AUDIO states directly (ModelConfig.speak_gate_audio).
+  c.speak_gate_audio = True
+  # SELF_AUDIO also carries "my voice plays now" (ModelConfig.self_speaking).
+  c.self_speaking = True
   # What each block keeps for the backward pass: "none" | "dots" | "full"
   # (tml_jax.model.transformer.REMAT_POLICIES; `python -m tml_jax.plan` measures the effect).
   c.remat = "none"
@@ -145,7 +149,9 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
                                        background=1.0, speak=1.0,
                                        # onsets/offsets of the model's speech in the gate
                                        # loss (tml_jax.train.losses.speak_terms)
-                                       speak_transition=3.0)),
+                                       speak_transition=3.0,
+                                       # chunks in a user's mid-utterance pause
+                                       speak_pause=3.0)),
   ))
   config.data = mlc.ConfigDict(dict(
       dir="", num_train=300, num_validation=24, num_test=40, conversation_s=24.0, seed=0,
@@ -164,6 +170,9 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
       # P(speak) below it: the micro-turn is silent (speak gate only). "auto": the threshold
       # the trainer calibrated on validation (W/speak_threshold.json), else 0.5.
       speak_threshold="auto",
+      # Once speaking, the gate keeps the voice on while P(speak) stays above this (a
+      # hysteresis, as voice-activity detectors use). "auto": min(0.5, speak_threshold).
+      speak_keep_threshold="auto",
       # Live input: a chunk arriving up to this late is still used (else it is silence).
       jitter_buffer_ms=100,
       # TEXT_IN queue bound in tokens; past it the oldest are dropped (and reported).

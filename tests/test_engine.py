@@ -29,6 +29,11 @@ def ring_model():
   c.layout.update(dict(window=3, prefix_slots=2))
   c.background.enabled = False
   model = InteractionModel(ModelConfig.from_config(c), rngs=nnx.Rngs(7))
+  # Zero-initialised inputs of the gate and of the speaking flag: random, so the
+  # step-vs-forward checks see them.
+  for name in ("speaking", "speak_w", "speak_wa"):
+    v = getattr(model, name)
+    v[...] = jax.random.normal(jax.random.key(len(name)), v.shape, v.dtype) * 0.5
   return model, StreamingModel(model, flow_steps=2)
 
 
@@ -45,6 +50,7 @@ def engine(workdir):
 
 def _obs(b, t):
   return dict(user_dmel=b["user_dmel"][:, t:t + 1], self_dmel=b["self_dmel"][:, t:t + 1],
+              self_speaking=b["self_speaking"][:, t:t + 1],
               video=b["video"][:, t:t + 1], video_valid=np.bool_(True),
               text_in=b["text_in"][:, t:t + 1], prefix=b["prefix"])
 
@@ -64,6 +70,8 @@ def test_incremental_matches_full_forward(ring_model, rng):
                                err_msg=f"text logits of chunk {t}")
     np.testing.assert_allclose(out["audio_cond"], full.audio_cond[0, t], atol=2e-4, rtol=1e-4,
                                err_msg=f"audio conditioning of chunk {t}")
+    np.testing.assert_allclose(out["p_speak"], jax.nn.sigmoid(full.speak_logits[0, t]),
+                               atol=2e-5, err_msg=f"speak gate of chunk {t}")
   # The check can fail: a wrong window (stale ring entries visible) breaks it.
   assert C > model.cfg.window + 2
 
@@ -75,6 +83,7 @@ def test_scan_layers_is_the_same_model(ring_model, rng):
   import dataclasses
   model, sm = ring_model
   scanned = InteractionModel(dataclasses.replace(model.cfg, scan_layers=True), rngs=nnx.Rngs(7))
+  nnx.update(scanned, nnx.state(model))
   ssm = StreamingModel(scanned, flow_steps=2)
   lay, C = model.cfg.layout, 6
   b = random_batch(lay, batch=1, num_chunks=C, seed=int(rng.integers(1 << 30)))
@@ -133,7 +142,7 @@ def test_speak_gate_silences_the_micro_turn(ring_model, rng):
   bias = model.speak_b[...]
   outs = {}
   try:
-    for name, value in (("closed", -10.0), ("open", 10.0)):
+    for name, value in (("closed", -40.0), ("open", 40.0)):
       model.speak_b[...] = jnp.full_like(bias, value)
       sm = StreamingModel(model, flow_steps=1)
       outs[name] = [sm.step(_obs(b, t), forced_T=b["model_text_in"][0, t]) for t in range(3)]
@@ -199,6 +208,39 @@ def test_offline_outputs_aligned(engine, rng, tmp_path):
   # Warm-up compiled everything: no micro-turn, the first included, pays for a compile
   # (a restored checkpoint's mesh shardings once caused one at chunk 1: ~8 s).
   assert max(r.compute_ms for r in res["records"]) < 1500, [r.compute_ms for r in res["records"]]
+
+
+def test_speak_gate_hysteresis(engine, rng, tmp_path):
+  """Speech starts when P(speak) reaches the start threshold and, once on, goes on while it
+  stays above the lower keep threshold: every chunk's voice follows that rule exactly."""
+  wav = _speech(rng, 6.0)
+  state = engine.stream.state
+  w0 = state["speak_w"].get_value()  # untrained, the gate says the same everywhere
+  state["speak_w"].set_value(jnp.asarray(rng.normal(0, 0.3, w0.shape), w0.dtype))
+  held = 0
+  try:
+    ps = np.array([r.p_speak for r in engine.run_wav(wav)["records"]])
+    for q_lo, q_hi in ((0.3, 0.7), (0.1, 0.5), (0.5, 0.9), (0.05, 0.8), (0.02, 0.6)):
+      lo, hi = (float(x) for x in np.quantile(ps, [q_lo, q_hi]))
+      old = _with(engine, speak_threshold=hi, keep_threshold=lo)
+      try:
+        res = engine.run_wav(wav, str(tmp_path))
+      finally:
+        _with(engine, **old)
+      out, _ = io.load_wav(tmp_path / "output.wav")
+      speaking = False
+      for r in res["records"][:-1]:  # chunk t's audio is played during chunk t+1
+        speaking = r.p_speak >= (lo if speaking else hi)
+        held += speaking and r.p_speak < hi
+        loudest = np.abs(out[(r.t + 1) * 3200:(r.t + 2) * 3200]).max(initial=0.0)
+        if speaking:  # the flow head's mel, whatever the text says
+          assert loudest > 1e-3, (r.t, r.p_speak, lo, hi)
+        else:
+          assert r.tokens[0] == tok.EOT and set(r.tokens[1:]) <= {tok.PAD}, (r.t, r.p_speak)
+          assert loudest < 1e-3, (r.t, r.p_speak, lo, hi)
+  finally:
+    state["speak_w"].set_value(w0)
+  assert held, "no chunk was kept on below the start threshold: the test saw no hysteresis"
 
 
 def _stub_generate(call: str, answer: str):

@@ -263,6 +263,7 @@ def test_a_late_start_gives_the_same_micro_turns(engine, rng):
   assert lay.prefix == 0
   b = random_batch(lay, batch=1, num_chunks=3, seed=int(rng.integers(1 << 30)))
   obs = lambda t: dict(user_dmel=b["user_dmel"][:, t:t + 1], self_dmel=b["self_dmel"][:, t:t + 1],
+                       self_speaking=b["self_speaking"][:, t:t + 1],
                        video=b["video"][:, t:t + 1], video_valid=np.bool_(True),
                        text_in=b["text_in"][:, t:t + 1])
   outs = {}

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from tml_jax import probe
 from tml_jax.data import speak_labels
@@ -59,6 +60,13 @@ def test_summary_by_condition(rng):
   assert out["all"]["chunks"] == n
   md = probe.table_md({"teacher-forced": out})
   assert "| pause | silent |" in md
+  now = rng.random(n) < 0.5
+  quiet = probe.summarize(p, truth, cond, now_N=now)
+  for i, name in enumerate(probe.CONDITIONS):
+    m = (cond == i) & ~now
+    if m.any():
+      assert quiet[name]["p_silent_now"] == pytest.approx(p[m].mean())
+  assert "when silent now" in probe.table_md({"teacher-forced": quiet})
 
 
 def test_calibrated_threshold_bounds_false_onsets(rng):

@@ -31,12 +31,17 @@ __all__ = ["CONDITIONS", "chunk_conditions", "voiced_chunks", "summarize", "tabl
 EXPECTED = {"user_speaking": "silent", "pause": "silent", "after_turn_end": "speak",
             "barge_in": "stop", "user_backchannel": "speak"}
 
-def summarize(p_N, truth_N, cond_N, valid_N=None, threshold: float = 0.5) -> dict:
+def summarize(p_N, truth_N, cond_N, valid_N=None, threshold: float = 0.5,
+              now_N=None) -> dict:
   """Per condition: chunks, truth rate, mean P(speak), accuracy of P >= threshold, and the
-  mean P(speak) on chunks whose truth is speech / silence."""
+  mean P(speak) on chunks whose truth is speech / silence. With `now_N` (does the model
+  speak in chunk t itself), also "p_silent_now": the mean P(speak) where the model is
+  silent, i.e. the decision to *start*. That is the number to read for pauses and turn
+  ends: a condition's mean mixes it with chunks where the model already talks."""
   p, y = np.asarray(p_N, np.float64).ravel(), np.asarray(truth_N, bool).ravel()
   c = np.asarray(cond_N).ravel()
   v = np.ones_like(y) if valid_N is None else np.asarray(valid_N, bool).ravel()
+  now = None if now_N is None else np.asarray(now_N, bool).ravel()
   out = {}
   for i, name in enumerate(CONDITIONS):
     m = v & (c == i)
@@ -48,6 +53,9 @@ def summarize(p_N, truth_N, cond_N, valid_N=None, threshold: float = 0.5) -> dic
         accuracy=float(((pm >= threshold) == ym).mean()),
         p_when_speech=float(pm[ym].mean()) if ym.any() else None,
         p_when_silent=float(pm[~ym].mean()) if (~ym).any() else None)
+    if now is not None:
+      quiet = m & ~now
+      out[name]["p_silent_now"] = float(p[quiet].mean()) if quiet.any() else None
   m = v.astype(bool)
   out["all"] = dict(chunks=int(m.sum()), truth_speak=float(y[m].mean()),
                     p_speak=float(p[m].mean()),
@@ -59,9 +67,13 @@ def table_md(probes: dict[str, dict]) -> str:
   """A markdown table; `probes` maps a column group name (e.g. "teacher-forced") to a
   `summarize` result."""
   groups = list(probes)
+  # "silent now": P(speak) where the model is silent in chunk t, the decision to start.
+  quiet = [g for g in groups if any(isinstance(r, dict) and r.get("p_silent_now") is not None
+                                    for r in probes[g].values())]
   head = "| condition | expected | chunks | truth P(speak) | " + " | ".join(
-      f"{g}: P(speak) | {g}: accuracy" for g in groups) + " |"
-  lines = [head, "|" + "---|" * (4 + 2 * len(groups))]
+      f"{g}: P(speak) | {g}: accuracy" for g in groups) + "".join(
+      f" | {g}: P(speak) when silent now" for g in quiet) + " |"
+  lines = [head, "|" + "---|" * (4 + 2 * len(groups) + len(quiet))]
   for name in (*CONDITIONS[1:], "other", "all"):
     ref = next((probes[g][name] for g in groups if name in probes[g]), None)
     if ref is not None and "chunks" not in ref:
@@ -72,6 +84,9 @@ def table_md(probes: dict[str, dict]) -> str:
     for g in groups:
       r = probes[g].get(name)
       cells += ([f"{r['p_speak']:.2f}", f"{r['accuracy']:.2f}"] if r else ["", ""])
+    for g in quiet:
+      q = (probes[g].get(name) or {}).get("p_silent_now")
+      cells.append("" if q is None else f"{q:.2f}")
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -156,7 +171,7 @@ def free_running(engine, records, *, chunk_s: float, max_s: float | None = None)
   """The probe with the model hearing its own generated audio as SELF_AUDIO: each record's
   microphone channel goes through the streaming engine (offline clock), and each chunk's
   P(speak) is compared with what the corpus' model channel did then."""
-  ps, ys, cs = [], [], []
+  ps, ys, cs, nows = [], [], [], []
   for record in records:
     wav = np.asarray(record["user_wav"], np.float32) / 32768.0
     if max_s:
@@ -171,8 +186,10 @@ def free_running(engine, records, *, chunk_s: float, max_s: float | None = None)
     ps.append([r.p_speak for r in res["records"]][:total - 1])
     ys.append(truth[:total - 1])
     cs.append(chunk_conditions(record, total, chunk_s)[:total - 1])
+    # Chunk t sounds with what the gate let through at t-1.
+    nows.append([False] + [r.spoke for r in res["records"]][:total - 2])
   return summarize(np.concatenate(ps), np.concatenate(ys), np.concatenate(cs),
-                   threshold=engine.speak_threshold)
+                   threshold=engine.speak_threshold, now_N=np.concatenate(nows))
 
 
 def teacher_forced_probe(speak_logits_fn, batches) -> dict:
@@ -189,7 +206,7 @@ def summarize_parts(parts: list[tuple]) -> dict:
   (`calibrate_threshold`)."""
   p, truth, cond, valid, now = (np.concatenate([part[i] for part in parts]) for i in range(5))
   calibration = calibrate_threshold(p, truth, now, valid, cond)
-  return dict(summarize(p, truth, cond, valid, calibration["threshold"]),
+  return dict(summarize(p, truth, cond, valid, calibration["threshold"], now),
               calibration=calibration)
 
 

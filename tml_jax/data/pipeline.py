@@ -94,6 +94,7 @@ class MicroTurnExample(grain.transforms.RandomMap):
     if self.reply_window_targets:
       out["speak_target"] |= speak_labels.reply_windows(record, total, self.chunk_s)
     out["speak_now"] = voiced  # what the model is doing in chunk t (onsets: now 0, target 1)
+    out["self_speaking"] = voiced  # the model input of the same (ModelConfig.self_speaking)
     out["speak_condition"] = speak_labels.chunk_conditions(record, total, self.chunk_s)
 
     events = json.loads(_text(record["video_events_json"]))

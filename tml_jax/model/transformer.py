@@ -60,6 +60,16 @@ class ModelConfig:
   # A binary head: does the model speak in chunk t+1? (read at MODEL_TEXT slot 0). Without
   # it the decision is only "the first byte of a word beats EOT" in the text softmax.
   speak_gate: bool = False
+  # The gate also reads the mean final hidden state of the chunk's USER_AUDIO tokens: a
+  # direct path from what was just heard (how the user's last words ended) to the decision,
+  # instead of one that slot 0's attention must first learn to route.
+  speak_gate_audio: bool = False
+  # SELF_AUDIO tokens carry a learned "my voice plays in this chunk" vector (batch or obs
+  # "self_speaking" [B, C] bool): in training the corpus' model channel, in serving the
+  # gate's own decision one chunk earlier, so the two match exactly. What the model hears
+  # of itself does not: clean speech in training, its vocoded guess when serving, and a
+  # gate that only recognises the former stops as soon as it starts.
+  self_speaking: bool = False
   # Rematerialisation of each block in the training forward pass (REMAT_POLICIES); the
   # cached micro-turn step keeps nothing for a backward pass and ignores it.
   remat: str = "none"
@@ -95,7 +105,10 @@ class ModelConfig:
         param_dtype=m.param_dtype, norm_eps=m.norm_eps,
         background=BackgroundConfig.from_config(config),
         # Configs saved before the gate existed have no key: those models have no gate.
-        speak_gate=bool(m.get("speak_gate", False)), remat=m.get("remat", "none"),
+        speak_gate=bool(m.get("speak_gate", False)),
+        speak_gate_audio=bool(m.get("speak_gate", False) and m.get("speak_gate_audio", False)),
+        self_speaking=bool(m.get("self_speaking", False)),
+        remat=m.get("remat", "none"),
         scan_layers=bool(m.get("scan_layers", False)))
 
 
@@ -154,6 +167,10 @@ class InteractionModel(nnx.Module):
       self.speak_w = param(rngs, jax.nn.initializers.zeros, (cfg.d_model,), ("embed",), pd)
       # Start silent-leaning (P = 0.27): an untrained model should not fill the room.
       self.speak_b = param(rngs, jax.nn.initializers.constant(-1.0), (1,), ("norm",), pd)
+    if cfg.speak_gate and cfg.speak_gate_audio:
+      self.speak_wa = param(rngs, jax.nn.initializers.zeros, (cfg.d_model,), ("embed",), pd)
+    if cfg.self_speaking:
+      self.speaking = param(rngs, jax.nn.initializers.zeros, (cfg.d_model,), ("embed",), pd)
 
   def embed_chunks(self, batch) -> dict:
     """Per-segment embeddings `[B, C, S, D]` (segment embedding added), ready for `pack`."""
@@ -165,6 +182,10 @@ class InteractionModel(nnx.Module):
       out[Segment.USER_AUDIO] = e.dmel(batch["user_dmel"], dt)
     if lay.self_audio:
       out[Segment.SELF_AUDIO] = e.dmel(batch["self_dmel"], dt)
+      if self.cfg.self_speaking:
+        flag = jnp.asarray(batch["self_speaking"]).astype(dt)[..., None, None]  # [B, C, 1, 1]
+        out[Segment.SELF_AUDIO] = out[Segment.SELF_AUDIO] + flag * self.speaking[...].astype(
+            dt)[None, None, None]
     if lay.video:
       out[Segment.VIDEO] = e.patch(batch["video"], dt)
     if lay.text_in:
@@ -234,11 +255,16 @@ class InteractionModel(nnx.Module):
                                           (0, write_at, 0))
     return kv_cache.KVCache(tuple(ks), tuple(vs), hidden, cache.meta), h
 
-  def speak_logits(self, h_ND):
-    """Logit of "I speak in the next chunk" from MODEL_TEXT slot 0's hidden state."""
-    return (jnp.einsum("...d,d->...", h_ND.astype(jnp.float32),
-                       self.speak_w[...].astype(jnp.float32))
-            + self.speak_b[...].astype(jnp.float32)[0])
+  def speak_logits(self, h_ND, heard_ND=None):
+    """Logit of "I speak in the next chunk" from MODEL_TEXT slot 0's hidden state (and,
+    with speak_gate_audio, `heard_ND`: the mean hidden state of the chunk's USER_AUDIO)."""
+    logit = (jnp.einsum("...d,d->...", h_ND.astype(jnp.float32),
+                        self.speak_w[...].astype(jnp.float32))
+             + self.speak_b[...].astype(jnp.float32)[0])
+    if self.cfg.speak_gate_audio:
+      logit = logit + jnp.einsum("...d,d->...", heard_ND.astype(jnp.float32),
+                                 self.speak_wa[...].astype(jnp.float32))
+    return logit
 
   def text_logits(self, h_ND):
     return jnp.einsum("...d,dv->...v", h_ND.astype(jnp.float32),
@@ -253,7 +279,11 @@ class InteractionModel(nnx.Module):
                                     x_BLD.shape[:2])
     h_BLD, aux = self.backbone(x_BLD, meta, positions_BL)
     h_text = lay.unpack(h_BLD, Segment.MODEL_TEXT)
-    speak = self.speak_logits(h_text[:, :, 0]) if self.cfg.speak_gate else None
+    speak = None
+    if self.cfg.speak_gate:
+      heard = (lay.unpack(h_BLD, Segment.USER_AUDIO).astype(jnp.float32).mean(2)
+               if self.cfg.speak_gate_audio else None)
+      speak = self.speak_logits(h_text[:, :, 0], heard)
     return ModelOutput(h_BLD, self.text_logits(h_text), lay.unpack(h_BLD, Segment.MODEL_AUDIO),
                        aux, speak)
 
@@ -294,9 +324,14 @@ class InteractionModel(nnx.Module):
       x = jnp.concatenate([emb[Segment.PREFIX], x], axis=1)
       positions = jnp.concatenate([jnp.arange(P, dtype=jnp.int32)[None], positions], axis=1)
       q_meta, write_at = pre_meta.concat(q_meta), 0
-    cache, _ = self.extend(cache, x, positions, q_meta, write_at)
+    cache, h_obs = self.extend(cache, x, positions, q_meta, write_at)
+    heard = None
+    if self.cfg.speak_gate_audio:  # USER_AUDIO comes first among the observations
+      skip = P if with_prefix else 0
+      heard = h_obs[:, skip:skip + lay.user_audio].astype(jnp.float32).mean(1)[0]
     cache, tokens, logits, p_speak = self._decode_text(cache, meta_K, base, pos0, forced_T,
-                                                       rng, temperature, speak_threshold)
+                                                       rng, temperature, speak_threshold,
+                                                       heard)
     A, off_A = lay.model_audio, lay.offset(Segment.MODEL_AUDIO)
     cache, cond = self.extend(cache, emb[Segment.MODEL_AUDIO][:, 0],
                               pos0 + off_A + jnp.arange(A, dtype=jnp.int32)[None],
@@ -308,7 +343,7 @@ class InteractionModel(nnx.Module):
                        p_speak=p_speak)
 
   def _decode_text(self, cache, meta_K: TokenMeta, base, pos0, forced_T, rng, temperature,
-                   speak_threshold):
+                   speak_threshold, heard_D=None):
     """The MODEL_TEXT slots, autoregressive. After EOT the training inputs are EOT then PAD
     (the text FIFO), so a free-running decode feeds the same and reports PAD after it.
     Returns (cache, tokens, logits, P(speak) from slot 0)."""
@@ -326,7 +361,8 @@ class InteractionModel(nnx.Module):
       cache, h = self.extend(cache, x, jnp.reshape(pos0 + slot, (1, 1)), q_meta, base + slot)
       lg = self.text_logits(h)[0, 0]
       if self.cfg.speak_gate:
-        p_speak = jnp.where(j == 0, jax.nn.sigmoid(self.speak_logits(h)[0, 0]), p_speak)
+        p_speak = jnp.where(j == 0, jax.nn.sigmoid(self.speak_logits(h[0, 0], heard_D)),
+                            p_speak)
       pred = sample_token(lg, jax.random.fold_in(rng, j), temperature)
       pred = jnp.where((j == 0) & (p_speak < speak_threshold), tok.EOT, pred)
       pred = jnp.where(done, tok.PAD, pred)

@@ -142,6 +142,7 @@ def microturn_step(config, setup: Setup, platform: str,
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
   obs = dict(user_dmel=spec((1, 1, lay.user_audio, 80), jnp.int32),
              self_dmel=spec((1, 1, lay.self_audio, 80), jnp.int32),
+             self_speaking=spec((1, 1), jnp.bool_),
              text_in=spec((1, 1, lay.text_in), jnp.int32), video_valid=spec((), jnp.bool_))
   if lay.video:
     obs["video"] = spec((1, 1, lay.video, cfg.patch_size ** 2 * 3), jnp.uint8)

@@ -93,6 +93,7 @@ class Engine:
     lay, sm = self.lay, self.stream
     obs = dict(user_dmel=np.zeros((1, 1, lay.user_audio, 80), np.int32),
                self_dmel=np.zeros((1, 1, lay.self_audio, 80), np.int32),
+               self_speaking=np.zeros((1, 1), bool),
                text_in=np.full((1, 1, lay.text_in), tok.PAD, np.int32),
                video=self._video(None)[0], video_valid=np.bool_(False))
     if obs["video"] is None:

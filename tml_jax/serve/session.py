@@ -36,6 +36,7 @@ class ChunkRecord:
   p_speak: float = 1.0   # the speak gate's P(speak in chunk t+1); 1 without a gate
   lag_ms: float = 0.0    # live: how late the step started after its chunk was due
   input_wait_ms: float = 0.0  # live: time spent in the jitter buffer waiting for the input
+  spoke: bool = True     # the gate let chunk t speak (its audio plays during chunk t+1)
 
 
 @dataclasses.dataclass
@@ -120,6 +121,7 @@ class Session:
     video, video_valid = e._video(frame)
     obs = dict(user_dmel=self.user_dm.push_tokens(audio)[None, None],
                self_dmel=self.self_dm.push_tokens(self.played)[None, None],
+               self_speaking=np.full((1, 1), self.speaking),
                text_in=self.fifo.take()[None, None], video_valid=np.bool_(video_valid))
     if video is not None:
       obs["video"] = video
@@ -138,7 +140,8 @@ class Session:
     self.played = np.clip(wav, -1.0, 1.0).astype(np.float32)
     self.sink.write(t, self.played, audio)
     record = ChunkRecord(t, (time.perf_counter() - t0) * 1e3, tokens, missing,
-                         float(out["p_speak"]), round(lag_ms, 3), round(waited_s * 1e3, 3))
+                         float(out["p_speak"]), round(lag_ms, 3), round(waited_s * 1e3, 3),
+                         bool(self.speaking))
     self.records.append(record)
     if delegate or tok.DELEGATE in tokens:
       self._delegate(t, forced=tok.DELEGATE not in tokens)

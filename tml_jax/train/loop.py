@@ -344,6 +344,8 @@ def log_validation(run: Run):
       continue
     val[f"probe_{name}"] = r["p_speak"]
     val[f"probe_{name}_acc"] = r["accuracy"]
+    if r.get("p_silent_now") is not None:
+      val[f"probe_{name}_silent_now"] = r["p_silent_now"]
   run.log.write(run.step, {f"val_{k}": v for k, v in val.items()})
   shown = ("loss", "text", "audio", "audio_l1", "text_acc")
   print(f"  validation @ {run.step}: " + " ".join(f"{k}={v:.4f}" for k, v in val.items()

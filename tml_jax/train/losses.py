@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tml_jax.data.speak_labels import CONDITIONS
 from tml_jax.microturn import Segment, TokenMeta, context_mask
 from tml_jax.model.flow import denormalize_mel, normalize_mel
 from tml_jax.text import tokenizer as tok
@@ -65,18 +66,24 @@ def audio_loss(model, audio_cond_BCAD, batch, rng):
   return flow_matching_loss(model.flow, audio_cond_BCAD.reshape(B * C * A, D), x1, rng, w)
 
 
-def speak_terms(speak_logits_BC, batch, transition_weight: float = 1.0) -> dict:
+def speak_terms(speak_logits_BC, batch, transition_weight: float = 1.0,
+                pause_weight: float = 1.0) -> dict:
   """Gate BCE, its accuracy and the mean predicted P(speak), over chunks with a target.
 
   Chunks where the decision changes (an onset: silent now, speaking next; an offset: the
   reverse) weigh `transition_weight` times the others. Without it the gate learns "keep
   doing what I hear myself doing", right on almost every chunk, and never starts a turn on
-  its own (the free-running probe shows it).
+  its own (the free-running probe shows it). Chunks inside a user's mid-utterance pause
+  weigh `pause_weight`: they are the onsets' counterpart (the same silence, "wait" instead
+  of "answer"), and as rare.
   """
   y = jnp.asarray(batch["speak_target"], jnp.float32)
   mask = jnp.asarray(batch["audio_mask"], jnp.float32)
   now = jnp.asarray(batch.get("speak_now", batch["speak_target"]), jnp.float32)
   w = mask * jnp.where(now != y, transition_weight, 1.0)
+  if "speak_condition" in batch and pause_weight != 1.0:
+    pause = jnp.asarray(batch["speak_condition"]) == CONDITIONS.index("pause")
+    w = w * jnp.where(pause & (now == 0), pause_weight, 1.0)
   n = jnp.maximum(jnp.sum(w), 1.0)
   # log(1 + e^x) - y x: the stable form of BCE with logits.
   bce = jax.nn.softplus(speak_logits_BC) - y * speak_logits_BC
@@ -117,7 +124,8 @@ def losses_from_output(model, out, batch, rng, weights) -> tuple[jnp.ndarray, di
   metrics["speak"] = jnp.zeros(())
   if out.speak_logits is not None and "speak_target" in batch:
     metrics.update(speak_terms(out.speak_logits, batch,
-                               weights.get("speak_transition", 1.0)))
+                               weights.get("speak_transition", 1.0),
+                               weights.get("speak_pause", 1.0)))
   total = sum(weights.get(k, 0.0) * metrics[k] for k in TERMS)
   metrics["loss"] = total
   return total, metrics
