@@ -7,10 +7,12 @@ Variants
              # expected (2 idle cores, jax 0.11.2): ~0.65 steps/s, all 720 steps in ~19 min;
              # validation text cross-entropy ~0.77 nats (unigram baseline 2.28), byte
              # accuracy ~0.65, sampled mel L1 ~0.38 log10 (median/silence baseline 1.53),
-             # flow loss 1.48 -> ~0.12. Speak probe (W/report.md): teacher-forced P(speak)
-             # ~0.12 while the user speaks, ~0.8 after the turn end, but ~0.7 in pauses, so
-             # the calibrated threshold (~0.9) keeps the voice silent: voice-scored TOR 0 on
-             # turn-taking, pauses and backchannels alike (runs/tiny/eval/report.md).
+             # flow loss 1.48 -> ~0.12. Speak probe (W/report.md), P(speak) of a silent
+             # model: median ~0.6 at onsets after a turn end, ~0.2 in pauses, but a tenth
+             # of the pause chunks reach ~0.75, so the calibrated threshold (~0.7-0.8)
+             # passes few onsets; free-running, the model starts and stops within two
+             # chunks: voice-scored TOR 0 on turn-taking, pauses and backchannels alike
+             # (runs/tiny/eval/report.md; benchmarks/RESULTS.md).
              python -m tml_jax.params --config=configs/interaction.py:tiny
              python -m tml_jax.demo --config=configs/interaction.py:tiny --out=out/demo
   small      one GPU, 1.95 B total / 0.59 B active parameters.
