@@ -144,6 +144,9 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
       weight_decay=0.05, clip_norm=1.0, b2=0.98,
       log_every=10, eval_every=90, eval_batches=4, checkpoint_every=90, keep_checkpoints=3,
       time_budget_s=20 * 60.0,
+      # The end-of-run report's free-running speak probe: validation conversations the
+      # engine runs through on its own voice (tml_jax.probe.free_running_on_validation).
+      probe_free_running_conversations=4,
       # Speak-gate targets also say "speak" from 0.2 s after a user's turn ends to the reply
       # (tml_jax.data.speak_labels.reply_windows): the corpus' random reply delay is a rule.
       speak_reply_window=True,
@@ -226,7 +229,7 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
       config.data.update(dict(num_train=24, num_validation=4, num_test=4, conversation_s=12.0))
       config.train.update(dict(num_steps=30, batch_size=4, log_every=5, eval_every=15,
                                eval_batches=1, checkpoint_every=10, warmup_steps=5,
-                               time_budget_s=0.0))
+                               time_budget_s=0.0, probe_free_running_conversations=1))
       config.background.update(dict(d_model=32, num_heads=2, head_dim=16, hidden=64,
                                     max_len=96))
     elif mod == "dense":

@@ -3,12 +3,23 @@ import os
 # Tests are CPU-only and must not grab every core of a shared machine for threads.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 # Implicit rank promotion hides shape bugs; the library spells its broadcasts out.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+# Subprocesses (trainers, launchers, ablations, notebook kernels) compile the same smoke
+# programs again and again: one persistent compilation cache for the test session (xdist
+# workers share their parent's pid). In-process tests do not use it.
+JIT_CACHE_ENV = dict(
+    JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(),
+                                           f"tml_jax_test_jit_{os.getppid()}"),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import JIT_CACHE_ENV
 
 from configs import ablations
 from tml_jax.ablate_report import aggregate
@@ -19,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _ablate(*args, check=True):
   r = subprocess.run([sys.executable, "-m", "tml_jax.ablate", *args], cwd=ROOT,
-                     capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                     capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu", **JIT_CACHE_ENV))
   if check and r.returncode:
     raise AssertionError(f"ablate exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
   return r

@@ -220,7 +220,14 @@ def test_speak_gate_hysteresis(engine, rng, tmp_path):
   held = 0
   try:
     ps = np.array([r.p_speak for r in engine.run_wav(wav)["records"]])
-    for q_lo, q_hi in ((0.3, 0.7), (0.1, 0.5), (0.5, 0.9), (0.05, 0.8), (0.02, 0.6)):
+    # Five fixed threshold pairs, then random ones until some chunk was held on below the
+    # start threshold (what speaking does to P, through the speaking flag and the model's own
+    # voice, is random here, so a given pair may never show it).
+    pairs = [(0.3, 0.7), (0.1, 0.5), (0.5, 0.9), (0.05, 0.8), (0.02, 0.6)]
+    pairs += [tuple(sorted(rng.uniform(0.0, 1.0, 2))) for _ in range(10)]
+    for i, (q_lo, q_hi) in enumerate(pairs):
+      if i >= 5 and held:
+        break
       lo, hi = (float(x) for x in np.quantile(ps, [q_lo, q_hi]))
       old = _with(engine, speak_threshold=hi, keep_threshold=lo)
       try:

@@ -9,19 +9,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
+from conftest import JIT_CACHE_ENV  # the trainers share one compilation cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUBS = os.path.join(ROOT, "tests", "stubs", "fake_cluster.py")
 COMMANDS = ("gcloud", "srun", "scancel", "scontrol", "sudo", "fuser", "trainer-python")
 BASE = ["--config=configs/interaction.py:tiny,smoke", "--config.train.log_every=1",
         "--config.train.eval_every=1000"]
-# The same per-session compilation cache as tests/test_train.py: trainer processes compile
-# the same smoke programs.
-_CACHE = os.path.join(tempfile.gettempdir(), f"tml_jax_test_jit_{os.getppid()}")
 # Trainers run until SIGTERM (preemption; the Slurm job's requeue) and save then: no end-of-run
 # report, whose evaluation costs more than the training here.
 TRAIN = ["--config.train.num_steps=200", "--config.train.checkpoint_every=1000"]
@@ -50,8 +47,7 @@ class Cluster:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "CUDA_VISIBLE_DEVICES")}
     env.update(PATH=f"{self.bin}{os.pathsep}{env.get('PATH', '')}", STUB_LOG=str(self.log),
                STUB_STATE=str(self.state), STUB_REAL_PYTHON=sys.executable,
-               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=_CACHE,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **extra)
+               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **JIT_CACHE_ENV, **extra)
     return env
 
   def calls(self, cmd):

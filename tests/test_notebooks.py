@@ -5,6 +5,7 @@ import glob
 import os
 
 import pytest
+from conftest import JIT_CACHE_ENV
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -27,6 +28,8 @@ def test_there_are_five_topics_stored_without_outputs():
 def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
   monkeypatch.setenv("TML_NOTEBOOK_STEPS", "8")
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  for k, v in JIT_CACHE_ENV.items():  # the kernel compiles the smoke programs other tests did
+    monkeypatch.setenv(k, v)
   nb = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                    resources={"metadata": {"path": str(tmp_path)}})

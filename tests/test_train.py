@@ -9,6 +9,7 @@ import textwrap
 import time
 
 import pytest
+from conftest import JIT_CACHE_ENV
 
 from configs.interaction import get_config
 
@@ -36,15 +37,11 @@ TRAINER = textwrap.dedent("""
 """)
 
 
-# Trainer subprocesses compile the same smoke programs again and again: share a persistent
-# compilation cache between them (per test session).
-_CACHE = os.path.join(__import__("tempfile").gettempdir(), f"tml_jax_test_jit_{os.getppid()}")
 
 
 def _env(**extra):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=_CACHE,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **extra)
+  env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **JIT_CACHE_ENV, **extra)
   return env
 
 
