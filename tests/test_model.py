@@ -257,3 +257,25 @@ def test_remat_changes_memory_not_gradients(rng, policy):
     grads[remat] = jax.jit(jax.grad(loss))(state)
   for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[policy])):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_flow_head_learns_only_speech_under_a_speak_gate(rng, gate):
+  """With a speak gate the flow loss (and the sampled-mel score) reads only the chunks whose
+  target holds the model's speech: changing the target anywhere else changes nothing.
+  Without a gate the flow head owns silence too, and every chunk counts."""
+  from tml_jax.train.losses import audio_loss, sampled_audio_l1
+  config = tiny_config(speak_gate=gate)
+  cfg, model = build(config, seed=int(rng.integers(1 << 30)))
+  batch = random_batch(cfg.layout, batch=2, num_chunks=5, seed=int(rng.integers(1 << 30)))
+  voiced = np.asarray(batch["audio_voiced"])
+  assert voiced.any() and (~voiced & np.asarray(batch["audio_mask"])).any()
+  cond = model(batch).audio_cond
+  key = jax.random.key(int(rng.integers(1 << 30)))
+  other = dict(batch, audio_target=np.where(voiced[..., None, None], batch["audio_target"],
+                                            rng.uniform(-7, 2, batch["audio_target"].shape)
+                                            ).astype(np.float32))
+  for fn in (lambda b: audio_loss(model, cond, b, key),
+             lambda b: sampled_audio_l1(model, cond, b, key, 2)):
+    same = float(fn(batch)) == float(fn(other))
+    assert same == gate, (gate, float(fn(batch)), float(fn(other)))

@@ -39,7 +39,8 @@ def random_batch(layout: ChunkLayout, *, batch: int, num_chunks: int, seed: int 
       audio_target=rng.uniform(-7, 2, (B, C, layout.model_audio,
                                        layout.user_audio // max(layout.model_audio, 1) * 80)
                                ).astype(np.float32),
-      audio_mask=valid_BC.copy(), self_speaking=rng.random((B, C)) < 0.5,
+      audio_mask=valid_BC.copy(), audio_voiced=valid_BC & (rng.random((B, C)) < 0.7),
+      self_speaking=rng.random((B, C)) < 0.5,
       meta=layout.meta(C, batch=B, doc_BC=doc_BC, valid_BC=valid_BC),
   )
   if layout.prefix:

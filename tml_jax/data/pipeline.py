@@ -91,6 +91,8 @@ class MicroTurnExample(grain.transforms.RandomMap):
     # The speak gate's target: does the model's own channel hold speech in chunk t+1?
     voiced = speak_labels.voiced_chunks(mel)
     out["speak_target"] = np.concatenate([voiced[1:], [False]])
+    # The chunks the flow head learns under a speak gate (tml_jax.train.losses.audio_weight).
+    out["audio_voiced"] = out["speak_target"].copy()
     if self.reply_window_targets:
       out["speak_target"] |= speak_labels.reply_windows(record, total, self.chunk_s)
     out["speak_now"] = voiced  # what the model is doing in chunk t (onsets: now 0, target 1)

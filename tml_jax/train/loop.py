@@ -33,6 +33,7 @@ from tml_jax.text import tokenizer as tok
 from tml_jax.train import report as report_lib
 from tml_jax.train import sharding as shd
 from tml_jax.train.checkpoint import Checkpointer
+from tml_jax.train.losses import audio_weight
 from tml_jax.train.state import Setup
 
 
@@ -137,8 +138,9 @@ def evaluate(setup: Setup, state, make_val, num_batches: int) -> dict:
   return {k: v / num_batches for k, v in sums.items()}
 
 
-def baselines(make_val, num_batches: int) -> dict:
-  """Trivial predictors on the validation batches the model is scored on."""
+def baselines(make_val, num_batches: int, speech_only: bool = False) -> dict:
+  """Trivial predictors on the validation batches the model is scored on (the mel ones on
+  the chunks the flow head is scored on: `losses.audio_weight`)."""
   it = iter(make_val())
   counts = np.zeros(tok.VOCAB_SIZE)
   mels, masks = [], []
@@ -148,7 +150,7 @@ def baselines(make_val, num_batches: int) -> dict:
     t = np.asarray(b["model_text_target"])
     counts += np.bincount(t[t != tok.PAD], minlength=tok.VOCAB_SIZE)
     mels.append(np.asarray(b["audio_target"]))
-    masks.append(np.asarray(b["audio_mask"]) & valid_chunk)
+    masks.append(np.asarray(audio_weight(b, speech_only)) & valid_chunk)
   p = counts / max(counts.sum(), 1)
   entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())
   sel = np.concatenate(mels)[np.concatenate(masks)].reshape(-1, 80)  # [n * A * fpq, 80]
@@ -217,7 +219,7 @@ def write_final_report(setup: Setup, state, make_val, workdir: str) -> dict:
   writes the report."""
   tc = setup.config.train
   val = evaluate(setup, state, make_val, tc.eval_batches)
-  base = baselines(make_val, tc.eval_batches)
+  base = baselines(make_val, tc.eval_batches, bool(setup.config.model.get("speak_gate", False)))
   samples = decoded_samples(setup, state, make_val)
   if jax.process_index() != 0:
     return dict(report=dict(validation=val, baselines=base, samples=samples))

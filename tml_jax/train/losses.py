@@ -59,10 +59,23 @@ def flow_matching_loss(flow, cond_ND, x1_NM, rng, weight_N=None):
   return jnp.sum(err_N * w_N) / jnp.maximum(jnp.sum(w_N), 1.0)
 
 
+def audio_weight(batch, speech_only: bool):
+  """bool [B, C]: the chunks the flow head learns (and is scored on). With a speak gate the
+  model's voice factorises as P(speak) x p(mel | speech): the gate owns silence, so the flow
+  head learns only target chunks that hold the model's speech (`audio_voiced`, the same
+  rule as the gate's target). Learning silence too, it answers an uncertain onset with
+  silence, the majority mode, and a gate that opens plays nothing."""
+  w = jnp.asarray(batch["audio_mask"], bool)
+  if speech_only and "audio_voiced" in batch:
+    w = w & jnp.asarray(batch["audio_voiced"], bool)
+  return w
+
+
 def audio_loss(model, audio_cond_BCAD, batch, rng):
   B, C, A, D = audio_cond_BCAD.shape
   x1 = normalize_mel(jnp.asarray(batch["audio_target"], jnp.float32)).reshape(B * C * A, -1)
-  w = jnp.broadcast_to(jnp.asarray(batch["audio_mask"])[..., None], (B, C, A)).reshape(-1)
+  mask = audio_weight(batch, model.cfg.speak_gate)
+  w = jnp.broadcast_to(mask[..., None], (B, C, A)).reshape(-1)
   return flow_matching_loss(model.flow, audio_cond_BCAD.reshape(B * C * A, D), x1, rng, w)
 
 
@@ -143,6 +156,6 @@ def sampled_audio_l1(model, audio_cond_BCAD, batch, rng, steps: int):
   x = model.flow.sample(audio_cond_BCAD.reshape(-1, D), rng, steps)
   pred = denormalize_mel(x).reshape(B, C, A, -1)
   target = jnp.asarray(batch["audio_target"], jnp.float32)
-  w = jnp.asarray(batch["audio_mask"], jnp.float32)[..., None, None]
+  w = audio_weight(batch, model.cfg.speak_gate).astype(jnp.float32)[..., None, None]
   n = jnp.maximum(jnp.sum(w) * A * target.shape[-1], 1.0)
   return jnp.sum(jnp.abs(pred - target) * w) / n
