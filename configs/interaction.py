@@ -147,6 +147,12 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
       # The end-of-run report's free-running speak probe: validation conversations the
       # engine runs through on its own voice (tml_jax.probe.free_running_on_validation).
       probe_free_running_conversations=4,
+      # The serving threshold (serve.speak_threshold="auto") is the lowest at which at most
+      # this share of the validation chunks where a silent model should stay silent would
+      # start speech (tml_jax.probe.calibrate_threshold). 1 % let 14 % of the onsets
+      # through (threshold 0.85). Voice-scored on the validation export: 0.55 (3.4 % false
+      # onsets) took 75 % of the turns at 0.53 s, 0.65 (2.6 %) 62 % at 0.73 s.
+      speak_max_false_onsets=0.03,
       # Speak-gate targets also say "speak" from 0.2 s after a user's turn ends to the reply
       # (tml_jax.data.speak_labels.reply_windows): the corpus' random reply delay is a rule.
       speak_reply_window=True,
@@ -156,7 +162,9 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
                                        # loss (tml_jax.train.losses.speak_terms)
                                        speak_transition=3.0,
                                        # chunks in a user's mid-utterance pause
-                                       speak_pause=3.0)),
+                                       speak_pause=3.0,
+                                       # a barge-in while the model still speaks
+                                       speak_barge_in=3.0)),
   ))
   config.data = mlc.ConfigDict(dict(
       dir="", num_train=300, num_validation=24, num_test=40, conversation_s=24.0, seed=0,

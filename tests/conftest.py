@@ -24,8 +24,9 @@ JIT_CACHE_ENV = dict(
 
 @pytest.fixture
 def rng(request):
-  """A fresh generator per test; the seed is printed so a failure can be replayed."""
-  seed = int(np.random.SeedSequence().entropy % (2**31))
+  """A fresh generator per test; the seed is printed so a failure can be replayed
+  (TML_TEST_SEED=<seed> pytest tests/...::<test>)."""
+  seed = int(os.environ.get("TML_TEST_SEED") or np.random.SeedSequence().entropy % (2**31))
   print(f"\n[{request.node.name}] seed={seed}")
   return np.random.default_rng(seed)
 

@@ -357,10 +357,17 @@ def test_export_fdb_layout(tmp_path):
       assert not clean[a + 10:b - 10].any() and x[a:b].any()
       assert np.array_equal(clean[:a - 10], x[:a - 10])
 
+  # A pause clip: the user's words, a silence of 0.6-2 s from pause.json's start, the
+  # user's words again, and the clip ends with them (with the turn).
   ann = json.loads((tmp_path / "pause_handling" / "0" / "annotations.json").read_text())
-  last_user = max(w["end_s"] for w in ann["words"] if w["speaker"] == "user"
-                  and w["end_s"] <= ann["duration_s"])
-  assert 0.5 - 1e-3 <= ann["duration_s"] - last_user <= 1.0 + 1e-3
+  (pj,) = json.loads((tmp_path / "pause_handling" / "0" / "pause.json").read_text())
+  user = [w for w in ann["words"] if w["speaker"] == "user" and w["end_s"] <= ann["duration_s"]
+          + 1e-3]
+  before = [w for w in user if w["end_s"] <= pj["timestamp"][0] + 1e-3]
+  after = [w for w in user if w["start_s"] >= pj["timestamp"][0] + 0.6 - 1e-3]
+  assert before and after and len(before) + len(after) == len(user)
+  assert max(w["end_s"] for w in user) == pytest.approx(ann["duration_s"], abs=1e-3)
+  assert pj["timestamp"][1] == pytest.approx(ann["duration_s"], abs=1e-3)
   # what the evaluators read: turn end = turn_taking.json timestamp[0], interrupt end = [1]
   tt = json.loads((tmp_path / "turn_taking" / "0" / "turn_taking.json").read_text())
   ann = json.loads((tmp_path / "turn_taking" / "0" / "annotations.json").read_text())

@@ -216,35 +216,42 @@ def test_speak_gate_hysteresis(engine, rng, tmp_path):
   wav = _speech(rng, 6.0)
   state = engine.stream.state
   w0 = state["speak_w"].get_value()  # untrained, the gate says the same everywhere
-  state["speak_w"].set_value(jnp.asarray(rng.normal(0, 0.3, w0.shape), w0.dtype))
   held = 0
+
+  def run(hi, lo, out_dir=None):
+    old = _with(engine, speak_threshold=hi, keep_threshold=lo)
+    try:
+      return engine.run_wav(wav, out_dir)
+    finally:
+      _with(engine, **old)
+
   try:
-    ps = np.array([r.p_speak for r in engine.run_wav(wav)["records"]])
-    # Five fixed threshold pairs, then random ones until some chunk was held on below the
-    # start threshold (what speaking does to P, through the speaking flag and the model's own
-    # voice, is random here, so a given pair may never show it).
-    pairs = [(0.3, 0.7), (0.1, 0.5), (0.5, 0.9), (0.05, 0.8), (0.02, 0.6)]
-    pairs += [tuple(sorted(rng.uniform(0.0, 1.0, 2))) for _ in range(10)]
-    for i, (q_lo, q_hi) in enumerate(pairs):
-      if i >= 5 and held:
+    # Random gates until one shows the hysteresis: speaking changes P (the speaking flag,
+    # the model's own voice), and a gate whose P while speaking never dips below what
+    # started it cannot show a chunk held on by the lower threshold.
+    for _ in range(6):
+      state["speak_w"].set_value(jnp.asarray(rng.normal(0, 0.3, w0.shape), w0.dtype))
+      # P as a silent model (never starts) and as a speaking one (starts at once, never
+      # stops): thresholds are drawn between them.
+      ps = np.array([r.p_speak for hi, lo in ((2.0, 2.0), (0.0, 0.0))
+                     for r in run(hi, lo)["records"]])
+      for q_lo, q_hi in [(0.3, 0.7), (0.1, 0.5), (0.5, 0.9)] + [
+          tuple(sorted(rng.uniform(0.0, 1.0, 2))) for _ in range(3)]:
+        lo, hi = (float(x) for x in np.quantile(ps, [q_lo, q_hi]))
+        res = run(hi, lo, str(tmp_path))
+        out, _ = io.load_wav(tmp_path / "output.wav")
+        speaking = False
+        for r in res["records"][:-1]:  # chunk t's audio is played during chunk t+1
+          speaking = r.p_speak >= (lo if speaking else hi)
+          held += speaking and r.p_speak < hi
+          loudest = np.abs(out[(r.t + 1) * 3200:(r.t + 2) * 3200]).max(initial=0.0)
+          if speaking:  # the flow head's mel, whatever the text says
+            assert loudest > 1e-3, (r.t, r.p_speak, lo, hi)
+          else:
+            assert r.tokens[0] == tok.EOT and set(r.tokens[1:]) <= {tok.PAD}, (r.t, r.p_speak)
+            assert loudest < 1e-3, (r.t, r.p_speak, lo, hi)
+      if held:
         break
-      lo, hi = (float(x) for x in np.quantile(ps, [q_lo, q_hi]))
-      old = _with(engine, speak_threshold=hi, keep_threshold=lo)
-      try:
-        res = engine.run_wav(wav, str(tmp_path))
-      finally:
-        _with(engine, **old)
-      out, _ = io.load_wav(tmp_path / "output.wav")
-      speaking = False
-      for r in res["records"][:-1]:  # chunk t's audio is played during chunk t+1
-        speaking = r.p_speak >= (lo if speaking else hi)
-        held += speaking and r.p_speak < hi
-        loudest = np.abs(out[(r.t + 1) * 3200:(r.t + 2) * 3200]).max(initial=0.0)
-        if speaking:  # the flow head's mel, whatever the text says
-          assert loudest > 1e-3, (r.t, r.p_speak, lo, hi)
-        else:
-          assert r.tokens[0] == tok.EOT and set(r.tokens[1:]) <= {tok.PAD}, (r.t, r.p_speak)
-          assert loudest < 1e-3, (r.t, r.p_speak, lo, hi)
   finally:
     state["speak_w"].set_value(w0)
   assert held, "no chunk was kept on below the start threshold: the test saw no hysteresis"

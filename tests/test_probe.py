@@ -99,3 +99,29 @@ def test_reply_window_marks_the_gap_before_a_reply(rng):
   expect = (nxt >= end + 0.2 - 1e-9) & (nxt < end + lat)
   np.testing.assert_array_equal(w, expect)
   assert w.sum() == round((lat - 0.2) / c)
+
+
+def test_speak_loss_weighs_transitions_pauses_and_barge_ins(rng):
+  """The gate's BCE is a weighted mean: onsets/offsets x transition, silent pause chunks x
+  pause, barge-in chunks while the model speaks x barge_in (each once, multiplied), padding
+  not at all; checked against the formula on random chunks."""
+  import jax.numpy as jnp
+  from tml_jax.train.losses import speak_terms
+  B, C = 3, 17
+  logits = rng.normal(0, 2, (B, C)).astype(np.float32)
+  batch = dict(speak_target=rng.random((B, C)) < 0.5, speak_now=rng.random((B, C)) < 0.5,
+               audio_mask=rng.random((B, C)) < 0.8,
+               speak_condition=rng.integers(0, len(speak_labels.CONDITIONS), (B, C)))
+  wt, wp, wb = (float(x) for x in rng.uniform(1.5, 5.0, 3))
+  got = float(speak_terms(jnp.asarray(logits), batch, wt, wp, wb)["speak"])
+  y, now = batch["speak_target"], batch["speak_now"]
+  cond = np.asarray(batch["speak_condition"])
+  w = batch["audio_mask"] * np.where(now != y, wt, 1.0)
+  w = w * np.where((cond == speak_labels.CONDITIONS.index("pause")) & ~now, wp, 1.0)
+  w = w * np.where((cond == speak_labels.CONDITIONS.index("barge_in")) & now, wb, 1.0)
+  p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  bce = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+  np.testing.assert_allclose(got, (bce * w).sum() / w.sum(), rtol=1e-5)
+  plain = float(speak_terms(jnp.asarray(logits), batch)["speak"])
+  np.testing.assert_allclose(plain, (bce * batch["audio_mask"]).sum() / batch["audio_mask"].sum(),
+                             rtol=1e-5)

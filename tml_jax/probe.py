@@ -192,20 +192,21 @@ def free_running(engine, records, *, chunk_s: float, max_s: float | None = None)
                    threshold=engine.speak_threshold, now_N=np.concatenate(nows))
 
 
-def teacher_forced_probe(speak_logits_fn, batches) -> dict:
+def teacher_forced_probe(speak_logits_fn, batches, *, max_false_onsets: float = 0.01) -> dict:
   """The probe over validation batches, every chunk teacher-forced (the model hears the
   corpus' own audio as SELF_AUDIO). speak_logits_fn(batch) -> the gate's [B, C] logits."""
   parts = [teacher_forced(np.asarray(speak_logits_fn(b)), b) for b in batches]
   if not parts:
     raise ValueError("no validation batches for the speak-decision probe")
-  return summarize_parts(parts)
+  return summarize_parts(parts, max_false_onsets=max_false_onsets)
 
 
-def summarize_parts(parts: list[tuple]) -> dict:
+def summarize_parts(parts: list[tuple], *, max_false_onsets: float = 0.01) -> dict:
   """`summarize` over the `teacher_forced` tuples of several batches, plus "calibration"
   (`calibrate_threshold`)."""
   p, truth, cond, valid, now = (np.concatenate([part[i] for part in parts]) for i in range(5))
-  calibration = calibrate_threshold(p, truth, now, valid, cond)
+  calibration = calibrate_threshold(p, truth, now, valid, cond,
+                                    max_false_onsets=max_false_onsets)
   return dict(summarize(p, truth, cond, valid, calibration["threshold"], now),
               calibration=calibration)
 
@@ -260,7 +261,8 @@ def main(argv=None):
   it = iter(pipeline.make_loader(val, config, split="validation", seed=0, shuffle=False,
                                  random_crop=False))
   probes = {"teacher-forced": teacher_forced_probe(
-      lambda b: logits_fn(state, b), [next(it) for _ in range(args.batches)])}
+      lambda b: logits_fn(state, b), [next(it) for _ in range(args.batches)],
+      max_false_onsets=float(config.train.get("speak_max_false_onsets", 0.01)))}
   if args.free_running:
     probes["free-running"] = free_running_on_validation(
         config, params, data_dir, num=args.free_running, max_s=args.max_s,

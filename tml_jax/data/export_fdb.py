@@ -13,9 +13,10 @@ Layout (sample folders are named 0, 1, 2, ...: the backchannel evaluator only re
 folder names). Every input.wav is 16 kHz mono int16 PCM of the USER channel only.
 
   OUT/pause_handling/<id>/   (--task pause_handling: takeover rate from output.json alone)
-      input.wav              the user stops mid-utterance (unfinished syntax, often a filler)
-                             and the clip ends 0.5-1.0 s into the pause: any model speech is
-                             a takeover.
+      input.wav              the user stops mid-utterance (unfinished syntax, often a filler),
+                             pauses 0.6-2 s and goes on; the clip ends where the user's turn
+                             does, so any model speech is a takeover, and one started in the
+                             pause runs on over the user's continuation.
       pause.json             [{"text": words before the pause, "timestamp": [pause start,
                              clip end]}]
   OUT/turn_taking/<id>/      (--task smooth_turn_taking)
@@ -116,12 +117,15 @@ def _next_speech(conv, after: float) -> float:
 
 
 def _pause_handling(conv, rng) -> Sample | None:
+  del rng
   pauses = conv.events_of("pause")
   if not pauses:
     return None
   p = pauses[0]
-  end = p.start_s + min(float(rng.uniform(0.5, 1.0)), p.end_s - p.start_s)
+  # Up to the end of the paused turn (format 1 ended 0.5-1.0 s into the pause: a takeover,
+  # >= 1 s or > 3 words, then hardly fit in the clip, and every system scored ~0).
   turn = next(e for e in conv.events_of("user_turn") if e.start_s <= p.start_s <= e.end_s)
+  end = turn.end_s
   return Sample(end, {"pause.json": [_seg(_said(conv, turn.start_s, p.start_s), p.start_s,
                                           end)]},
                 dict(behaviour="stay_silent", pause_start_s=p.start_s))
@@ -309,7 +313,7 @@ def write_sample(root: str, task: str, number: int, conv, rng: np.random.Generat
 # folder without one, or holding anything else (the real benchmark's data, a model's
 # output.wav beside an input.wav), is refused and left exactly as it was.
 MANIFEST = "tml_export.json"
-FORMAT = 1
+FORMAT = 2  # 2: pause clips run to the end of the paused turn
 
 
 def export_settings(split: str, data_cfg, per_task: int | None,

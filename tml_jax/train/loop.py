@@ -191,7 +191,8 @@ def speak_probe(setup: Setup, state, make_val, num_batches: int) -> dict | None:
   with jax.set_mesh(setup.mesh):
     return probe_lib.teacher_forced_probe(
         lambda b: logits(state["params"], shd.to_global(b, setup.batch_sharding)),
-        itertools.islice(make_val(), num_batches))
+        itertools.islice(make_val(), num_batches),
+        max_false_onsets=float(setup.config.train.get("speak_max_false_onsets", 0.01)))
 
 
 def free_running_probe(setup: Setup, state, data_dir: str, num: int,

@@ -80,7 +80,7 @@ def audio_loss(model, audio_cond_BCAD, batch, rng):
 
 
 def speak_terms(speak_logits_BC, batch, transition_weight: float = 1.0,
-                pause_weight: float = 1.0) -> dict:
+                pause_weight: float = 1.0, barge_in_weight: float = 1.0) -> dict:
   """Gate BCE, its accuracy and the mean predicted P(speak), over chunks with a target.
 
   Chunks where the decision changes (an onset: silent now, speaking next; an offset: the
@@ -88,7 +88,9 @@ def speak_terms(speak_logits_BC, batch, transition_weight: float = 1.0,
   doing what I hear myself doing", right on almost every chunk, and never starts a turn on
   its own (the free-running probe shows it). Chunks inside a user's mid-utterance pause
   weigh `pause_weight`: they are the onsets' counterpart (the same silence, "wait" instead
-  of "answer"), and as rare.
+  of "answer"), and as rare. Chunks of a user's barge-in while the model still speaks weigh
+  `barge_in_weight`: the only offsets the model's own text cannot predict (its sentence is
+  not finished; only the user's voice says "stop"), one or two per interruption.
   """
   y = jnp.asarray(batch["speak_target"], jnp.float32)
   mask = jnp.asarray(batch["audio_mask"], jnp.float32)
@@ -97,6 +99,9 @@ def speak_terms(speak_logits_BC, batch, transition_weight: float = 1.0,
   if "speak_condition" in batch and pause_weight != 1.0:
     pause = jnp.asarray(batch["speak_condition"]) == CONDITIONS.index("pause")
     w = w * jnp.where(pause & (now == 0), pause_weight, 1.0)
+  if "speak_condition" in batch and barge_in_weight != 1.0:
+    barge = jnp.asarray(batch["speak_condition"]) == CONDITIONS.index("barge_in")
+    w = w * jnp.where(barge & (now == 1), barge_in_weight, 1.0)
   n = jnp.maximum(jnp.sum(w), 1.0)
   # log(1 + e^x) - y x: the stable form of BCE with logits.
   bce = jax.nn.softplus(speak_logits_BC) - y * speak_logits_BC
@@ -138,7 +143,8 @@ def losses_from_output(model, out, batch, rng, weights) -> tuple[jnp.ndarray, di
   if out.speak_logits is not None and "speak_target" in batch:
     metrics.update(speak_terms(out.speak_logits, batch,
                                weights.get("speak_transition", 1.0),
-                               weights.get("speak_pause", 1.0)))
+                               weights.get("speak_pause", 1.0),
+                               weights.get("speak_barge_in", 1.0)))
   total = sum(weights.get(k, 0.0) * metrics[k] for k in TERMS)
   metrics["loss"] = total
   return total, metrics
