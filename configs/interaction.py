@@ -4,15 +4,13 @@ Variants
   tiny       CPU, 8.3 M parameters (2 blocks, 8 experts, top-2; 3.9 M active), 20 minutes on
              2 cores.
              python -m tml_jax.main --config=configs/interaction.py:tiny --workdir=runs/tiny
-             # expected (2 idle cores, jax 0.11.2): ~0.65 steps/s, all 720 steps in ~19 min;
-             # validation text cross-entropy ~0.77 nats (unigram baseline 2.28), byte
-             # accuracy ~0.65, sampled mel L1 ~0.38 log10 (median/silence baseline 1.53),
-             # flow loss 1.48 -> ~0.12. Speak probe (W/report.md), P(speak) of a silent
-             # model: median ~0.6 at onsets after a turn end, ~0.2 in pauses, but a tenth
-             # of the pause chunks reach ~0.75, so the calibrated threshold (~0.7-0.8)
-             # passes few onsets; free-running, the model starts and stops within two
-             # chunks: voice-scored TOR 0 on turn-taking, pauses and backchannels alike
-             # (runs/tiny/eval/report.md; benchmarks/RESULTS.md).
+             # expected (2 cores, jax 0.11.2): 0.45-0.65 steps/s, 560-720 steps; validation
+             # text cross-entropy ~0.8 nats (unigram baseline 2.28), byte accuracy ~0.64,
+             # flow loss 1.2 -> ~0.3 (speech chunks only). The voice now takes turns, but
+             # the gate's pause/turn-end separation is the limit: at the calibrated
+             # threshold it either takes few turns or takes pauses too, and pocketsphinx
+             # finds few words in the babble (runs/tiny/eval/report.md, per-task
+             # figures and both seeds in benchmarks/RESULTS.md).
              python -m tml_jax.params --config=configs/interaction.py:tiny
              python -m tml_jax.demo --config=configs/interaction.py:tiny --out=out/demo
   small      one GPU, 1.95 B total / 0.59 B active parameters.
@@ -151,7 +149,9 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
       # this share of the validation chunks where a silent model should stay silent would
       # start speech (tml_jax.probe.calibrate_threshold). 1 % let 14 % of the onsets
       # through (threshold 0.85). Voice-scored on the validation export: 0.55 (3.4 % false
-      # onsets) took 75 % of the turns at 0.53 s, 0.65 (2.6 %) 62 % at 0.73 s.
+      # onsets) took 75 % of the turns at 0.53 s, 0.65 (2.6 %) 62 % at 0.73 s; but those
+      # pause clips could not show a takeover (export format 1), and on format 2 a 3 %
+      # model takes pauses as often as vad_0.5s (benchmarks/RESULTS.md).
       speak_max_false_onsets=0.03,
       # Speak-gate targets also say "speak" from 0.2 s after a user's turn ends to the reply
       # (tml_jax.data.speak_labels.reply_windows): the corpus' random reply delay is a rule.
