@@ -26,7 +26,7 @@ from tml_jax.data.speak_labels import CONDITIONS, chunk_conditions, voiced_chunk
 
 __all__ = ["CONDITIONS", "chunk_conditions", "voiced_chunks", "summarize", "table_md",
            "plot_probe", "teacher_forced", "teacher_forced_probe", "free_running",
-           "free_running_on_validation"]
+           "free_running_on_validation", "max_false_onsets"]
 # Which way the truth mostly goes, for reading the table (not used in any computation).
 EXPECTED = {"user_speaking": "silent", "pause": "silent", "after_turn_end": "speak",
             "barge_in": "stop", "user_backchannel": "speak"}
@@ -192,6 +192,12 @@ def free_running(engine, records, *, chunk_s: float, max_s: float | None = None)
                    threshold=engine.speak_threshold, now_N=np.concatenate(nows))
 
 
+def max_false_onsets(config) -> float:
+  """The calibration's false-onset share of a run's config (train.speak_max_false_onsets;
+  0.01 for configs written before the field existed)."""
+  return float(config.train.get("speak_max_false_onsets", 0.01))
+
+
 def teacher_forced_probe(speak_logits_fn, batches, *, max_false_onsets: float = 0.01) -> dict:
   """The probe over validation batches, every chunk teacher-forced (the model hears the
   corpus' own audio as SELF_AUDIO). speak_logits_fn(batch) -> the gate's [B, C] logits."""
@@ -262,7 +268,7 @@ def main(argv=None):
                                  random_crop=False))
   probes = {"teacher-forced": teacher_forced_probe(
       lambda b: logits_fn(state, b), [next(it) for _ in range(args.batches)],
-      max_false_onsets=float(config.train.get("speak_max_false_onsets", 0.01)))}
+      max_false_onsets=max_false_onsets(config))}
   if args.free_running:
     probes["free-running"] = free_running_on_validation(
         config, params, data_dir, num=args.free_running, max_s=args.max_s,

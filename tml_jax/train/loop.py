@@ -192,7 +192,7 @@ def speak_probe(setup: Setup, state, make_val, num_batches: int) -> dict | None:
     return probe_lib.teacher_forced_probe(
         lambda b: logits(state["params"], shd.to_global(b, setup.batch_sharding)),
         itertools.islice(make_val(), num_batches),
-        max_false_onsets=float(setup.config.train.get("speak_max_false_onsets", 0.01)))
+        max_false_onsets=probe_lib.max_false_onsets(setup.config))
 
 
 def free_running_probe(setup: Setup, state, data_dir: str, num: int,
@@ -220,7 +220,7 @@ def write_final_report(setup: Setup, state, make_val, workdir: str) -> dict:
   writes the report."""
   tc = setup.config.train
   val = evaluate(setup, state, make_val, tc.eval_batches)
-  base = baselines(make_val, tc.eval_batches, bool(setup.config.model.get("speak_gate", False)))
+  base = baselines(make_val, tc.eval_batches, setup.cfg.speak_gate)
   samples = decoded_samples(setup, state, make_val)
   if jax.process_index() != 0:
     return dict(report=dict(validation=val, baselines=base, samples=samples))
