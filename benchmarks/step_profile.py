@@ -165,7 +165,9 @@ class Built:
         fn = jax.jit(functools.partial(_forward_loss, setup=setup),
                      in_shardings=(setup.state_sharding, setup.batch_sharding, rep),
                      out_shardings=rep)
-      self.compiled = fn.lower(self.state, self.batch, self.rng).compile()
+      # the train step also takes the learning-rate schedule's numbers at run time
+      self.extra = (setup.schedule_numbers,) if v.step == "train" else ()
+      self.compiled = fn.lower(self.state, self.batch, self.rng, *self.extra).compile()
     self.xla = _xla_flops(self.compiled)
     for _ in range(warmup):  # allocations, first touch
       self.run()
@@ -179,7 +181,7 @@ class Built:
   def run(self):
     with jax.set_mesh(self.mesh):
       if self.v.step == "train":
-        self._state, m = self.compiled(self._state, self.batch, self.rng)
+        self._state, m = self.compiled(self._state, self.batch, self.rng, *self.extra)
       else:
         m = self.compiled(self.state, self.batch, self.rng)
     jax.block_until_ready(m)

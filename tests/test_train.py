@@ -262,8 +262,6 @@ def test_two_processes_stop_at_the_same_step(smoke_corpus, tmp_path, why):
   stop after the same step, save it together and exit 0 (none is left in a collective)."""
   _, overrides = smoke_corpus
   workdir = str(tmp_path / why)
-  # num_steps is part of the compiled step (the LR schedule): 200, as the launcher tests'
-  # two processes, so they share one cached program.
   extra = ["--config.train.num_steps=200", "--config.train.checkpoint_every=1000"]
   if why == "time_budget":
     extra.append("--config.train.time_budget_s=6")
@@ -368,6 +366,7 @@ MESH_SCRIPT = textwrap.dedent("""
     from tml_jax.train.state import Setup
     config = get_config("tiny,smoke")
     config.model.moe_impl = sys.argv[1]
+    config.model.num_layers = 1  # one block holds every sharded op; a second only adds compile
     config.train.batch_size = 8
     batch = random_batch(__import__("tml_jax.microturn", fromlist=["x"]).ChunkLayout.from_config(
         config.layout), batch=8, num_chunks=6, num_docs=2, pad_chunks=1, seed=int(sys.argv[2]))
@@ -429,3 +428,38 @@ def test_config_mismatch_is_an_error_not_damage(tmp_path):
   assert step == 3
   assert sorted(os.listdir(tmp_path / "checkpoints")) == before
   assert not (tmp_path / "checkpoints_corrupt").exists()
+
+
+def test_schedule_is_optax_and_a_run_time_input(rng):
+  """The learning rate the step uses is optax's warmup-cosine schedule, and a run's length is
+  not part of the compiled step: configs differing only in num_steps lower to one program
+  (so every trainer in these tests can share one cached compilation)."""
+  import jax
+  import numpy as np
+  import optax
+  from tml_jax.plan.build import abstract_batch
+  from tml_jax.train import sharding as shd
+  from tml_jax.train.state import Setup, learning_rate
+
+  for _ in range(3):
+    peak = float(10 ** rng.uniform(-4.5, -2.5))
+    warmup, decay = int(rng.integers(0, 40)), int(rng.integers(41, 400))
+    end = peak * float(rng.uniform(0.0, 0.5))
+    ref = optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps=warmup,
+                                             decay_steps=decay, end_value=end)
+    steps = np.concatenate([np.arange(0, 50), rng.integers(0, decay + 100, size=50)])
+    numbers = np.asarray([peak, warmup, decay, end], np.float32)
+    got = np.asarray([learning_rate(s, numbers) for s in steps])
+    want = np.asarray([ref(int(s)) for s in steps])
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6 * peak)
+
+  texts = []
+  for n in (int(rng.integers(2, 50)), int(rng.integers(50, 5000))):
+    config = get_config("tiny,smoke")
+    config.train.num_steps = n
+    setup = Setup(config, shd.make_mesh(config))
+    _, batch = abstract_batch(config, setup.batch_sharding)
+    with jax.set_mesh(setup.mesh):
+      texts.append(setup._train_step_jit.lower(setup.abstract_state, batch, jax.random.key(0),
+                                               setup.schedule_numbers).as_text())
+  assert texts[0] == texts[1]

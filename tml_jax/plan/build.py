@@ -114,8 +114,9 @@ def train_step(config, setup: Setup, platform: str, save_hlo: str = "") -> tuple
   """The compiled train step and what the plan derives from its shapes."""
   row, batch = abstract_batch(config, setup.batch_sharding)
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=shd.replicated(setup.mesh))
+  numbers = jax.ShapeDtypeStruct((4,), jnp.float32, sharding=shd.replicated(setup.mesh))
   prog = compile_program("train_step", platform, setup.mesh, setup._train_step_jit,
-                         setup.abstract_state, batch, rng, save_hlo=save_hlo)
+                         setup.abstract_state, batch, rng, numbers, save_hlo=save_hlo)
   B = config.train.batch_size
   tokens = B * int(np.asarray(row["meta"].segment).shape[1])
   info = dict(

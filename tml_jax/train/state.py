@@ -3,7 +3,7 @@
 State: dict(step=int32 [], params=pure dict of the model's nnx state, opt=optax state): the
 tree orbax checkpoints hold (tml_jax.train.checkpoint). Parameters are sharded by their
 logical axes through the config's rule table (tml_jax.train.sharding); optimizer moments
-follow their parameter. `train_step(state, batch, rng) -> (state, metrics)` is pure and jitted
+follow their parameter. `train_step(state, batch, rng, numbers) -> (state, metrics)` is pure and jitted
 once with explicit shardings and the state donated.
 
 Serving imports this module for `params_abstract` / `model_from_params` and must not need the
@@ -67,17 +67,36 @@ def param_shardings(abs_state, rules, mesh) -> dict:
 
 # ----------------------------------------------------------------------------- optimizer
 
-def make_optimizer(tc):
+def schedule_numbers(tc) -> jnp.ndarray:
+  """[peak, warmup_steps, decay_steps, end] of the learning-rate schedule, as an array the
+  jitted step takes at run time: a run's length is then not part of the compiled program, so
+  runs of different lengths (and every test trainer) share one cached compilation."""
+  return jnp.asarray([tc.lr, tc.warmup_steps, max(tc.num_steps, tc.warmup_steps + 1),
+                      tc.lr * tc.min_lr_ratio], jnp.float32)
+
+
+def learning_rate(step, numbers):
+  """Linear warmup from 0 to the peak, then a cosine decay to `end` at decay_steps (the
+  schedule optax.warmup_cosine_decay_schedule computes, from traced numbers)."""
+  peak, warmup, decay, end = (numbers[i] for i in range(4))
+  step = jnp.asarray(step, jnp.float32)
+  rising = peak * step / jnp.maximum(warmup, 1.0)
+  frac = jnp.clip((step - warmup) / jnp.maximum(decay - warmup, 1.0), 0.0, 1.0)
+  falling = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+  return jnp.where(step < warmup, rising, falling)
+
+
+def make_optimizer(tc, numbers=None):
+  """AdamW with global-norm clipping. `numbers` (schedule_numbers, traced inside the step)
+  sets the learning rate; the state's structure does not depend on it."""
   import optax  # training only (see the module docstring)
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, tc.lr, warmup_steps=tc.warmup_steps, decay_steps=max(tc.num_steps, tc.warmup_steps + 1),
-      end_value=tc.lr * tc.min_lr_ratio)
+  numbers = schedule_numbers(tc) if numbers is None else numbers
+  schedule = lambda count: learning_rate(count, numbers)
   # No decay on vectors (norm scales): decaying them only fights the normalisation.
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  tx = optax.chain(optax.clip_by_global_norm(tc.clip_norm),
-                   optax.adamw(schedule, b2=tc.b2, weight_decay=tc.weight_decay,
-                               mask=decay_mask))
-  return tx, schedule
+  return optax.chain(optax.clip_by_global_norm(tc.clip_norm),
+                     optax.adamw(schedule, b2=tc.b2, weight_decay=tc.weight_decay,
+                                 mask=decay_mask))
 
 
 def optimizer_shardings(tx, abs_opt, param_sh, mesh):
@@ -100,7 +119,8 @@ class Setup:
     self.config, self.mesh = config, mesh
     self.cfg = ModelConfig.from_config(config)
     self.graphdef, self.abs_state = abstract_model(self.cfg)
-    self.tx, self.schedule = make_optimizer(config.train)
+    self.tx = make_optimizer(config.train)  # its structure; the step builds its own
+    self.schedule_numbers = schedule_numbers(config.train)
     abs_params = nnx.to_pure_dict(self.abs_state)
     abs_opt = jax.eval_shape(self.tx.init, abs_params)
     param_sh = param_shardings(self.abs_state, config.sharding_rules, mesh)
@@ -115,7 +135,7 @@ class Setup:
     self._init_jit = jax.jit(self._init, out_shardings=self.state_sharding)
     step_in = (self.state_sharding, self.batch_sharding, shd.replicated(mesh))
     self._train_step_jit = jax.jit(functools.partial(train_step, setup=self),
-                                   in_shardings=step_in,
+                                   in_shardings=step_in + (shd.replicated(mesh),),
                                    out_shardings=(self.state_sharding, shd.replicated(mesh)),
                                    donate_argnums=(0,))
     self._eval_step_jit = jax.jit(functools.partial(eval_step, setup=self),
@@ -129,7 +149,7 @@ class Setup:
 
   def train_step(self, state, batch, rng):
     with jax.set_mesh(self.mesh):
-      return self._train_step_jit(state, batch, rng)
+      return self._train_step_jit(state, batch, rng, self.schedule_numbers)
 
   def eval_step(self, state, batch, rng):
     with jax.set_mesh(self.mesh):
@@ -146,22 +166,24 @@ class Setup:
 
 # ----------------------------------------------------------------------------- steps
 
-def train_step(state, batch, rng, *, setup: Setup):
+def train_step(state, batch, rng, numbers, *, setup: Setup):
   """One optimizer step; a non-finite loss or gradient leaves the state unchanged and
-  reports ok=False (the host then stops the run with the pre-step state saved)."""
+  reports ok=False (the host then stops the run with the pre-step state saved). `numbers`
+  are the learning-rate schedule's (schedule_numbers), a run-time input."""
+  tx = make_optimizer(setup.config.train, numbers)
 
   def loss_fn(params):
     return compute_losses(setup.model(params), batch, rng, setup.weights)
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
   grad_norm = global_norm(grads)
-  updates, opt = setup.tx.update(grads, state["opt"], state["params"])
+  updates, opt = tx.update(grads, state["opt"], state["params"])
   params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state["params"], updates)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new = dict(step=state["step"] + 1, params=params, opt=opt)
   new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
   metrics = dict(metrics, loss=loss, grad_norm=grad_norm, ok=ok,
-                 lr=setup.schedule(state["step"]))
+                 lr=learning_rate(state["step"], numbers))
   return new, metrics
 
 
