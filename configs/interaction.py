@@ -156,6 +156,9 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
       # Speak-gate targets also say "speak" from 0.2 s after a user's turn ends to the reply
       # (tml_jax.data.speak_labels.reply_windows): the corpus' random reply delay is a rule.
       speak_reply_window=True,
+      # Share of the crops of conversations with a fired reminder placed to hold the firing
+      # and the model saying it (tml_jax.data.pipeline.MicroTurnExample.crop_start).
+      reminder_crop_share=0.5,
       loss_weights=mlc.ConfigDict(dict(text=1.0, audio=1.0, balance=0.01, z=1e-3,
                                        background=1.0, speak=1.0,
                                        # onsets/offsets of the model's speech in the gate

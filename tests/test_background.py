@@ -178,6 +178,31 @@ def test_reminders_fire_at_conversation_time():
   assert box.call("clock", "weekday(Saturday + 2)").endswith("= Monday")
 
 
+def test_repeating_reminders_stay_on_their_period(rng, tmp_path):
+  """'every N seconds' fires at the first poll at or after each due time, once per poll even
+  when polls are late, and stays on the grid of the first due time."""
+  set_at, period = float(rng.uniform(0, 5)), int(rng.integers(2, 9))
+  ctx = ToolContext(now_s=lambda: set_at)
+  out = ToolBox(ctx=ctx).call("remind", f"every {period} seconds; check the oven")
+  assert out == f"reminder set every {period} s: check the oven"
+  polls = np.round(np.arange(0, 60, 0.2), 4)
+  fired = [t for t in polls for _ in ctx.reminders.due(float(t))]
+  want = [np.ceil((set_at + k * period) / 0.2 - 1e-6) * 0.2 for k in range(1, 60)]
+  want = [t for t in want if t <= polls[-1] + 1e-6]
+  assert len(fired) == len(want) >= 5
+  np.testing.assert_allclose(fired, want, atol=1e-6)
+  r = Reminders()
+  r.add(1.0, "x", 0.0, period_s=2.0)
+  assert len(r.due(10.0)) == 1  # four periods missed: it fires once
+  assert r.pending()[0].due_s == 11.0
+  with pytest.raises(ValueError, match="period"):
+    r.add(1.0, "too often", 0.0, period_s=0.5)
+  # A dry run (how the corpus asks the tools) answers with the path and writes nothing.
+  dry = ToolBox(ctx=ToolContext(out_dir=str(tmp_path), dry_run=True))
+  assert dry.call("chart", "sales; 3, 5").startswith(f"chart saved: {tmp_path}")
+  assert not any(tmp_path.iterdir())
+
+
 def test_knowledge_answers_every_fact():
   box = ToolBox()
   for q, _, r in FACTS:

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from configs.interaction import get_config
 from tml_jax.data import pipeline, tml_duplex
 from tml_jax.microturn import ChunkLayout, Segment
 from tml_jax.text import tokenizer as tok
@@ -132,3 +133,25 @@ def test_other_chunk_lengths_keep_video_on_the_conversation_clock(smoke_corpus, 
     assert s["video"].shape[0] == s["user_dmel"].shape[0]
     (note,) = seen[-1]
     assert note["chunk"] == round(2.0 * 1000 / chunk_ms) and note["time_s"] == 2.0, note
+
+
+def test_reminder_crops_hold_the_firing_and_what_follows(rng):
+  """With reminder_crop_share=1 every crop of a conversation with fired reminders holds one
+  firing at least 2 chunks in and 11 chunks before the row's end; without anchors (or with
+  share 0) crops are uniform, drawn exactly as before."""
+  C = 32
+  tf = pipeline.MicroTurnExample(ChunkLayout.from_config(get_config("tiny").layout), C,
+                                 reminder_crop_share=1.0)
+  plain = pipeline.MicroTurnExample(ChunkLayout.from_config(get_config("tiny").layout), C)
+  for _ in range(200):
+    total = int(rng.integers(C + 1, 400))
+    anchors = sorted(int(a) for a in rng.integers(0, total, size=int(rng.integers(1, 4))))
+    start = tf.crop_start(total, anchors, np.random.default_rng(int(rng.integers(1 << 30))))
+    assert 0 <= start <= total - C
+    reachable = any(max(0, a - C + 12) <= min(total - C, a - 2) for a in anchors)
+    if reachable:
+      assert any(2 <= a - start <= C - 12 for a in anchors), (total, anchors, start)
+    seed = int(rng.integers(1 << 30))
+    assert (plain.crop_start(total, anchors, np.random.default_rng(seed))
+            == tf.crop_start(total, [], np.random.default_rng(seed))
+            == int(np.random.default_rng(seed).integers(0, total - C + 1)))

@@ -12,15 +12,19 @@ import numpy as np
 from tml_jax.text import tokenizer as tok
 
 
-def tool_call(tool: str, question: str, result_text: str) -> tuple[str, str]:
-  """(name, args) of the call that answers a corpus delegation (tml_jax.data.scenarios)."""
+def tool_call(tool: str, question: str, result_text: str,
+              args: str | None = None) -> tuple[str, str]:
+  """(name, args) of the call that answers a corpus delegation (tml_jax.data.scenarios).
+  Corpora from 1.2.0 on record the call's args; older ones are read by the rules below."""
+  if args is not None:
+    return tool, args
   if tool in ("calculator", "clock"):
     return tool, result_text.split(" = ")[0].strip()
   return tool, question
 
 
-def target_sequence(tool: str, question: str, result_text: str,
-                    max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def target_sequence(tool: str, question: str, result_text: str, max_len: int,
+                    args: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(inputs, targets, loss mask) [max_len] of one delegation.
 
   Sequence: TOOL name:args SEP RESULT result SEP answer EOT, answer = the result text (what
@@ -28,7 +32,7 @@ def target_sequence(tool: str, question: str, result_text: str,
   input only. Truncated to max_len; padding is PAD with mask False.
   """
   enc = tok.ByteTokenizer().encode
-  name, args = tool_call(tool, question, result_text)
+  name, args = tool_call(tool, question, result_text, args)
   call = [tok.TOOL] + enc(f"{name}:{args}") + [tok.SEP]
   result = [tok.RESULT] + enc(result_text) + [tok.SEP]
   answer = enc(result_text) + [tok.EOT]

@@ -21,8 +21,12 @@ Event kinds (start_s/end_s in seconds; `data` keys in brackets):
   background_speech [text, model_silent, during_model]  another talker in the room / a TV
   talking_to_other [text, addressee, model_silent, during_model]  the user speaks to someone
                                    else; during_model: it overlaps the model, which goes on
-  reminder_set [task, delay_s, due_s] / reminder_due [task]
-  delegation [question, answer, tool, result_text, arrival_s]  model emits DELEGATE at start_s
+  reminder_set [task, delay_s, due_s, period_s]  from the request's delegation to the tool
+    call; period_s > 0 repeats / reminder_due [task, due_s (when the reminder fired as
+    TEXT_IN), latency_s]  the model saying it
+  delegation [question, answer, tool, args, result_text, arrival_s, purpose?]  model emits
+    DELEGATE at start_s; the background model calls tool(args), whose output result_text
+    arrives as TEXT_IN at arrival_s; purpose="reminder" for the reminder chain
   visual_event [description, video_event] / count_request [object] / count_answer [count]
   translation [lang, source, target, lag_s] / typed_text [text]
 

@@ -38,12 +38,18 @@ class MicroTurnExample(grain.transforms.RandomMap):
 
   def __init__(self, layout: ChunkLayout, num_chunks: int, *, chunk_ms: int = 200,
                video_size=(80, 80), patch: int = 40, random_crop: bool = True,
-               bg_delegations: int = 0, bg_len: int = 96, reply_window_targets: bool = False):
+               bg_delegations: int = 0, bg_len: int = 96, reply_window_targets: bool = False,
+               reminder_crop_share: float = 0.0):
     self.layout, self.num_chunks, self.chunk_s = layout, num_chunks, chunk_ms / 1000
     # Background-model targets (tml_jax.data.background_targets): up to `bg_delegations` per crop.
     self.bg_delegations, self.bg_len = bg_delegations, bg_len
     # Speak-gate targets: also "speak" from 0.2 s after a user's turn to the reply's start.
     self.reply_window_targets = reply_window_targets
+    # A fired reminder lies seconds after its request, rarely in the same random row: this
+    # share of the crops of conversations with one is placed so that a firing (TEXT_IN) and
+    # the 2.4 s after it are inside the row; the request usually is not (it was learned, with
+    # the background model's call, in other crops).
+    self.reminder_crop_share = float(reminder_crop_share)
     self.video_size, self.patch, self.random_crop = tuple(video_size), patch, random_crop
     self.frames = layout.user_audio
 
@@ -98,6 +104,9 @@ class MicroTurnExample(grain.transforms.RandomMap):
     out["speak_now"] = voiced  # what the model is doing in chunk t (onsets: now 0, target 1)
     out["self_speaking"] = voiced  # the model input of the same (ModelConfig.self_speaking)
     out["speak_condition"] = speak_labels.chunk_conditions(record, total, self.chunk_s)
+    out["_anchors"] = [chunk_of(float(e["data"]["due_s"]))
+                       for e in json.loads(_text(record["events_json"]))
+                       if e["kind"] == "reminder_due"]
 
     events = json.loads(_text(record["video_events_json"]))
     if lay.video:
@@ -120,7 +129,8 @@ class MicroTurnExample(grain.transforms.RandomMap):
     out = []
     for c, e in zip(chunks, events):
       d = e.get("data", e)
-      out.append((c, *target_sequence(d["tool"], d["question"], d["result_text"], self.bg_len)))
+      out.append((c, *target_sequence(d["tool"], d["question"], d["result_text"], self.bg_len,
+                                      d.get("args"))))
     return out
 
   def _crop_background(self, items, start: int, n: int) -> dict:
@@ -133,11 +143,25 @@ class MicroTurnExample(grain.transforms.RandomMap):
           c - start, inp, tgt, mask)
     return ex
 
+  def crop_start(self, total: int, anchors: list[int], rng: np.random.Generator) -> int:
+    """The first chunk of the row: uniform, or (reminder_crop_share of the time, when the
+    conversation has fired reminders) with a firing 2 chunks to 12 chunks before the end."""
+    C = self.num_chunks
+    if not (self.random_crop and total > C):
+      return 0
+    after = min(12, C - 2)  # 2.4 s of the model saying it
+    spans = [(max(0, a - C + after), min(total - C, a - 2)) for a in anchors]
+    spans = [(lo, hi) for lo, hi in spans if lo <= hi]
+    if spans and self.reminder_crop_share > 0 and rng.random() < self.reminder_crop_share:
+      lo, hi = spans[int(rng.integers(len(spans)))]
+      return int(rng.integers(lo, hi + 1))
+    return int(rng.integers(0, total - C + 1))
+
   def random_map(self, record, rng: np.random.Generator) -> dict:
     s = self.streams(record)
     bg = s.pop("_bg", None)
     total, C, lay = len(s["text_in"]), self.num_chunks, self.layout
-    start = int(rng.integers(0, total - C + 1)) if (self.random_crop and total > C) else 0
+    start = self.crop_start(total, s.pop("_anchors"), rng)
     n = min(C, total - start)
     ex = {} if bg is None else self._crop_background(bg, start, n)
     for k, v in s.items():
@@ -186,7 +210,9 @@ def make_loader(source, config, *, split: str, seed: int, batch_size: int | None
                           bg_delegations=_bg_delegations(config),
                           bg_len=config.get("background", {}).get("max_len", 96),
                           reply_window_targets=bool(
-                              config.train.get("speak_reply_window", False))),
+                              config.train.get("speak_reply_window", False)),
+                          reminder_crop_share=float(
+                              config.train.get("reminder_crop_share", 0.0))),
          grain.transforms.Batch(batch_size // jax.process_count(), drop_remainder=True)]
   return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
                           worker_count=worker_count)

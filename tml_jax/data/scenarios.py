@@ -39,7 +39,9 @@ from tml_jax.data.turn_scenarios import (background_speech, interruption, model_
 # What the corpus' bytes depend on beyond the arguments of `generate`: bump it with any
 # change to a scenario, a template or a voice (the TFDS build and the export cache key on it).
 # 1.1.0: paused turns are one synthesis cut at the pauses; plain questions pause too.
-CORPUS_VERSION = "1.1.0"
+# 1.2.0: reminders and timers go through the background model and the clock tools, and
+#   fire as TEXT_IN; every tool is a delegation target (clock "now", chart); calls carry args.
+CORPUS_VERSION = "1.2.0"
 
 # The order is part of the corpus: scenario = SCENARIOS[index % 13] when none is forced.
 SCENARIOS: dict[str, Callable[[Scene], None]] = {

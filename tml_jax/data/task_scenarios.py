@@ -18,43 +18,85 @@ from tml_jax.data import templates as T
 from tml_jax.data.conversation import CHUNK_S
 from tml_jax.data.scene import Scene
 from tml_jax.data.turn_scenarios import turn_taking
+from tml_jax.tools import ToolBox, ToolContext
+from tml_jax.tools.clock import due_text
+
+
+def run_tool(tool: str, args: str, at_s: float) -> tuple[str, ToolContext]:
+  """What a real tool answers when the background model calls it at conversation time at_s
+  (files are not written: a chart's path is enough), and the context it left (reminders)."""
+  ctx = ToolContext(now_s=lambda: at_s, dry_run=True)
+  return ToolBox(ctx=ctx).call(tool, args), ctx
+
+
+def fired_reminders(ctx: ToolContext, until_s: float) -> list[tuple[float, str]]:
+  """(time, TEXT_IN text) of every reminder in `ctx` that fires before until_s, polled as
+  the engine polls them: at the start of every micro-turn (tml_jax.serve.session)."""
+  out = []
+  for k in range(int(np.ceil(until_s / CHUNK_S))):
+    now = round(k * CHUNK_S, 4)
+    out += [(now, due_text(r.text)) for r in ctx.reminders.due(now)]
+  return out
 
 
 def reminder(s: Scene):
-  """"Remind me in 12 seconds to stretch": the model acknowledges, chats, and speaks the
-  reminder exactly when it is due (time awareness)."""
-  ask, ack, due_text = s.pick(T.REMINDERS, "reminders")
-  max_delay = int(min(20, s.left() - 6.0))
+  """"Remind me in 12 seconds to stretch" / "every 6 seconds" / "set a timer": the model
+  acknowledges and emits DELEGATE; the background model calls `remind` or `timer`; the tool's
+  confirmation arrives as TEXT_IN; when the reminder fires, the engine feeds it in as TEXT_IN
+  and the model says it in the next micro-turn or two, whatever else is going on."""
+  ask, ack, due_say, tool, args = s.pick(T.REMINDERS, "reminders")
+  repeat = args.startswith("every")
+  # A one-off is due 4-20 s after the request, a repeating one fires two or three times.
+  max_delay = int(min(8, (s.left() - 7.0) / 2) if repeat else min(20, s.left() - 7.0))
   if max_delay < 4:
     return turn_taking(s)
   delay = int(s.rng.integers(4, max_delay + 1))
   task = s.choice(T.SLOTS["task"])
-  ask, ack, due_text = (x.format(n=delay, task=task) for x in (ask, ack, due_text))
+  ask, ack, due_say, args = (x.format(n=delay, task=task) for x in (ask, ack, due_say, args))
+  task = task if tool == "remind" else "timer"  # what the spoken reminder is about
   user = s.say("user", ask, s.t)
   if user is None:
     return
-  due = user[1] + delay
   s.event("user_turn", *user, text=ask)
-  s.event("reminder_set", user[1], user[1], task=task, delay_s=delay, due_s=due)
   lat = s.latency()
-  model = s.say("model", ack, user[1] + lat)
-  if model:
-    s.event("model_turn", *model, text=ack, latency_s=lat)
-  # Small talk that ends before the reminder is due; the reminder never waits for it.
-  s.t = (model or user)[1] + s.uniform(0.6, 1.2)
-  s.fill_exchanges(until=due - 0.5)
-  span = s.say("model", due_text, due)
-  if span:
-    s.event("reminder_due", *span, task=task)
-    s.event("model_turn", *span, text=due_text, latency_s=0.0)
-  s.t = (span[1] if span else due) + s.uniform(0.6, 1.5)
+  deleg = user[1] + lat
+  ack_span = s.say("model", ack, deleg)
+  # The background model writes the call within a second; its confirmation comes back as
+  # TEXT_IN (the model already said the acknowledgement, so it stays quiet).
+  call_s = round(deleg + s.uniform(0.3, 1.0), 3)
+  result, ctx = run_tool(tool, args, call_s)
+  arrival = round(call_s + s.uniform(0.1, 0.4), 3)
+  s.text_in.append((arrival, result))
+  s.event("delegation", deleg, arrival, question=ask, answer="", tool=tool, args=args,
+          result_text=result, arrival_s=arrival, purpose="reminder")
+  (first,) = ctx.reminders.pending()
+  s.event("reminder_set", deleg, call_s, task=task,
+          delay_s=delay, due_s=round(first.due_s, 3), period_s=first.period_s)
+  if ack_span:
+    s.event("model_turn", *ack_span, text=ack, latency_s=lat)
+  s.t = (ack_span or user)[1] + s.uniform(0.6, 1.2)
+  for fire_s, text in fired_reminders(ctx, s.duration_s - 1.5):
+    s.text_in.append((fire_s, text))
+    # Small talk that ends before the reminder fires; the reminder never waits for it.
+    s.fill_exchanges(until=fire_s - 0.5)
+    start = round(fire_s + CHUNK_S + s.uniform(0.0, 0.15), 3)  # the next micro-turn plays it
+    span = s.say("model", due_say, max(start, s.t))
+    if span:
+      s.event("reminder_due", *span, task=task, due_s=round(fire_s, 3),
+              latency_s=round(span[0] - fire_s, 3))
+      s.event("model_turn", *span, text=due_say, latency_s=round(span[0] - fire_s, 3),
+              responds_to="text_in")
+    s.t = (span[1] if span else fire_s) + s.uniform(0.6, 1.5)
   s.fill_exchanges()
 
 
 def delegation(s: Scene):
-  """A question for the background model (calculator, clock, knowledge): the model emits
-  DELEGATE as it acknowledges, the result arrives as TEXT_IN 1-4 s later, the model says it."""
-  tool, question, answer, result = T.background_question(s)
+  """A question for the background model (calculator, clock, knowledge, chart): the model
+  emits DELEGATE as it acknowledges; the background model calls the tool (its output is the
+  real tool's, at the call's time) and its answer arrives as TEXT_IN 1-4 s later; the model
+  says it."""
+  q = T.background_question(s)
+  tool, question, answer = q["tool"], q["question"], q["answer"]
   user = s.say("user", question, s.t)
   if user is None:
     return
@@ -64,9 +106,13 @@ def delegation(s: Scene):
   deleg = user[1] + lat
   ack_span = s.say("model", ack, deleg)
   arrival = round(deleg + s.uniform(1.0, 4.0), 3)
+  call_s = round(deleg + 0.5, 3)  # the background model writes the call half a second in
+  result, _ = run_tool(tool, q["args"], call_s)
+  if tool == "clock" and q["args"] == "now":
+    answer = answer.format(s=int(call_s))
   s.text_in.append((arrival, result))
   s.event("delegation", deleg, arrival, question=question, answer=answer, tool=tool,
-          result_text=result, arrival_s=arrival)
+          args=q["args"], result_text=result, arrival_s=arrival)
   if ack_span:
     s.event("model_turn", *ack_span, text=ack, latency_s=lat)
   lat2 = s.latency()

@@ -218,21 +218,33 @@ TO_OTHER = (
 )
 
 # (user request, model acknowledgement, model's words when due); {n} seconds, {task}
+# (user asks, model acknowledges as it delegates, model says when the reminder fires,
+#  tool, its arguments). The background model calls the tool; the engine feeds the fired
+#  reminder in as TEXT_IN (tml_jax.tools.clock). "every" reminders repeat with period {n}.
 REMINDERS = (
     ("Remind me in {n} seconds to {task}.", "Okay, I will remind you in {n} seconds.",
-     "Hey, it is time to {task}."),
+     "Hey, it is time to {task}.", "remind", "{n} seconds; {task}"),
     ("Set a timer for {n} seconds.", "Timer set for {n} seconds.",
-     "Your {n} second timer is done."),
-    ("In {n} seconds, tell me to {task}.", "Sure, in {n} seconds.",
-     "Reminder, you wanted to {task}."),
-    ("Can you remind me to {task} in {n} seconds?", "Will do.", "Time to {task}."),
+     "Your {n} second timer is done.", "timer", "{n} seconds"),
+    ("Remind me every {n} seconds to {task}.", "Okay, every {n} seconds.",
+     "Time to {task} again.", "remind", "every {n} seconds; {task}"),
+    ("Can you remind me to {task} in {n} seconds?", "Will do.", "Time to {task}.", "remind",
+     "{n} seconds; {task}"),
     ("Start a {n} second timer please.", "Starting a {n} second timer now.",
-     "Time is up, {n} seconds have passed."),
+     "Time is up, {n} seconds have passed.", "timer", "{n} seconds"),
+    ("In {n} seconds, tell me to {task}.", "Sure, in {n} seconds.",
+     "Reminder, you wanted to {task}.", "remind", "{n} seconds; {task}"),
+    ("Every {n} seconds, tell me to {task}.", "Sure, I will keep reminding you.",
+     "Reminder, {task}.", "remind", "every {n} seconds; {task}"),
+    ("Ping me in {n} seconds.", "Okay.", "Ping, {n} seconds are up.", "timer", "{n} seconds"),
     ("Give me a nudge in {n} seconds to {task}.", "Got it.",
-     "Here is your nudge, please {task}."),
-    ("Ping me in {n} seconds.", "Okay.", "Ping, {n} seconds are up."),
+     "Here is your nudge, please {task}.", "remind", "{n} seconds; {task}"),
+    ("Keep reminding me to {task} every {n} seconds.", "Okay, every {n} seconds then.",
+     "Once more, time to {task}.", "remind", "every {n} seconds; {task}"),
     ("Let me know in {n} seconds when to {task}.", "I will let you know.",
-     "Now is a good time to {task}."),
+     "Now is a good time to {task}.", "remind", "{n} seconds; {task}"),
+    ("Nudge me every {n} seconds to {task}.", "Will do, every {n} seconds.",
+     "Another nudge, please {task}.", "remind", "every {n} seconds; {task}"),
 )
 
 # (user asks the model to watch, model acknowledges)
@@ -344,20 +356,50 @@ FACTS = (  # (question, answer, result text): local knowledge lookups
 )
 
 
-def background_question(scene) -> tuple[str, str, str, str]:
-  """(tool, question, spoken answer, background-model result text) with a checkable answer."""
-  tool = scene.choice(("calculator", "clock", "knowledge"))
+# "clock now": the answer's {s} is the conversation time of the call, in whole seconds.
+CLOCK_NOW = (
+    ("How long have we been talking?", "We have been talking for {s} seconds."),
+    ("How much time has passed since we started?", "{s} seconds so far."),
+    ("What is the time in our conversation now?", "We are {s} seconds in."),
+    ("How long has this call been going?", "About {s} seconds."),
+    ("Can you check how long we have been chatting?", "It has been {s} seconds."),
+)
+# (question, spoken answer, chart title): three numbers the user says, charted as bars.
+CHARTS = (
+    ("Can you make a chart of {a}, {b} and {c}?", "Your chart is ready.", "numbers"),
+    ("Please plot {a}, {b} and {c} for me.", "Done, the plot is ready.", "plot"),
+    ("Draw a bar chart with {a}, {b} and {c}.", "The bar chart is ready.", "bar chart"),
+    ("Chart these numbers: {a}, {b}, {c}.", "Here is your chart.", "these numbers"),
+    ("Could you graph {a}, {b} and {c}?", "Your graph is ready.", "graph"),
+)
+
+
+def background_question(scene) -> dict:
+  """A question with a checkable answer for the background model: dict(tool, args, question,
+  answer): the model speaks `answer` once tool(args) has answered (`delegation` runs the
+  real tool; a clock "now" answer's {s} is filled from the call's time)."""
+  tool = scene.choice(("calculator", "clock", "clock", "knowledge", "chart"))
   if tool == "calculator":
     q, a, r, op = scene.pick(ARITHMETIC, "arithmetic")
     x, y = int(scene.rng.integers(2, 30)), int(scene.rng.integers(2, 30))
     if op == "sub" and y > x:
       x, y = y, x
     c = {"mul": x * y, "add": x + y, "sub": x - y}[op]
-    return tool, q.format(a=x, b=y), a.format(a=x, b=y, c=c), r.format(a=x, b=y, c=c)
+    return dict(tool=tool, args=r.format(a=x, b=y, c=c).split(" = ")[0],
+                question=q.format(a=x, b=y), answer=a.format(a=x, b=y, c=c))
+  if tool == "clock" and scene.rng.random() < 0.5:
+    q, a = scene.pick(CLOCK_NOW, "clock_now")
+    return dict(tool=tool, args="now", question=q, answer=a)
   if tool == "clock":
     q, a, r = scene.pick(CLOCK, "clock")
     d, n = int(scene.rng.integers(7)), int(scene.rng.integers(2, 12))
     kw = dict(day=WEEKDAYS[d], n=n, c=WEEKDAYS[(d + n) % 7])
-    return tool, q.format(**kw), a.format(**kw), r.format(**kw)
-  q, a, r = scene.pick(FACTS, "facts")
-  return tool, q, a, r
+    return dict(tool=tool, args=r.format(**kw).split(" = ")[0], question=q.format(**kw),
+                answer=a.format(**kw))
+  if tool == "chart":
+    q, a, title = scene.pick(CHARTS, "charts")
+    nums = [int(v) for v in scene.rng.integers(1, 20, size=3)]
+    return dict(tool=tool, args=f"{title}; " + ", ".join(map(str, nums)),
+                question=q.format(a=nums[0], b=nums[1], c=nums[2]), answer=a)
+  q, a, _ = scene.pick(FACTS, "facts")
+  return dict(tool=tool, args=q, question=q, answer=a)

@@ -82,7 +82,10 @@ class TmlDuplex(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version(CORPUS_VERSION)
   RELEASE_NOTES = {"1.0.0": "First release: 13 scenarios, eSpeak NG voices, cached dMel.",
                    "1.1.0": "Pauses keep their unfinished intonation (one synthesis cut at "
-                            "the pause); 30 % of plain training questions pause."}
+                            "the pause); 30 % of plain training questions pause.",
+                   "1.2.0": "Reminders, timers and repeating reminders are delegated to the "
+                            "clock tools and fire as TEXT_IN; clock 'now' and chart "
+                            "delegations; delegation events record the tool's args."}
   BUILDER_CONFIGS = [TmlDuplexConfig(name="default")]
   # Record i is conversation i (grain shuffles at read time), so an id maps to its position.
   disable_shuffling = True

@@ -362,7 +362,7 @@ def extra_metrics(words: list[Word], events: list[dict]) -> dict:
   out: dict[str, list] = {}
   for ev in events:
     kind = ev.get("kind")
-    if kind == "delegation":
+    if kind == "delegation" and ev.get("data", {}).get("purpose") != "reminder":
       out.setdefault("background_answer", []).append(background_answer(words, ev))
     elif kind == "reminder_set":
       out.setdefault("reminder", []).append(reminder_error(words, ev))

@@ -25,6 +25,7 @@ from tml_jax.serve import outputs
 from tml_jax.serve.worker import BackgroundWorker
 from tml_jax.text import tokenizer as tok
 from tml_jax.tools import ToolBox, ToolContext
+from tml_jax.tools.clock import due_text as reminder_text
 
 
 @dataclasses.dataclass
@@ -210,7 +211,7 @@ class Session:
     for r in self.ctx.reminders.due(now):
       events.append(dict(kind="reminder", time_s=round(now, 3), due_s=round(r.due_s, 3),
                          text=r.text))
-      push([tok.RESULT] + enc(f"reminder: {r.text}"), "reminder")
+      push([tok.RESULT] + enc(reminder_text(r.text)), "reminder")
     while self.text_at and self.text_at[0][0] <= now + 1e-9:
       _, text = self.text_at.pop(0)
       events.append(dict(kind="text_in", time_s=round(now, 3), text=text))

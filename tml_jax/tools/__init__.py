@@ -35,6 +35,9 @@ class ToolContext:
   now_s: Callable[[], float] = lambda: 0.0     # conversation clock
   reminders: Reminders = dataclasses.field(default_factory=Reminders)
   out_dir: str | None = None                   # where tools may write files (charts)
+  # Files are not written, only their paths returned (the corpus runs the tools this way to
+  # know what they would answer).
+  dry_run: bool = False
   _ids: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
   def next_id(self, kind: str) -> int:
@@ -75,11 +78,13 @@ class CallContext:
       return fn(*args)
 
   def write_file(self, relpath: str, data: bytes) -> str:
-    """Writes `data` to out_dir/relpath (the current folder without out_dir); its path."""
-    path = os.path.join(self._ctx.out_dir or ".", relpath)
+    """Writes `data` to out_dir/relpath (relpath itself without out_dir); its path."""
+    path = os.path.join(self._ctx.out_dir, relpath) if self._ctx.out_dir else relpath
 
     def write():
-      os.makedirs(os.path.dirname(path), exist_ok=True)
+      if self._ctx.dry_run:
+        return path
+      os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
       with open(path, "wb") as f:
         f.write(data)
       return path
@@ -94,8 +99,8 @@ class _GuardedReminders:
   def __init__(self, call: CallContext):
     self._call = call
 
-  def add(self, delay_s: float, text: str, now_s: float):
-    return self._call.effect(self._call._ctx.reminders.add, delay_s, text, now_s)
+  def add(self, delay_s: float, text: str, now_s: float, period_s: float = 0.0):
+    return self._call.effect(self._call._ctx.reminders.add, delay_s, text, now_s, period_s)
 
   def pending(self):
     return self._call._ctx.reminders.pending()

@@ -2,7 +2,10 @@
 
 In live mode the conversation clock is the wall clock since the session began; offline it is
 the recording's time. A reminder fires at the first micro-turn at or after its due time: the
-engine polls `Reminders.due(now_s)` every chunk and feeds what fired in as TEXT_IN.
+engine polls `Reminders.due(now_s)` every chunk and feeds what fired in as TEXT_IN
+(`RESULT reminder: <text>`, tml_jax.serve.session; the corpus writes the same text through
+`due_text`). A repeating reminder ("every 8 seconds; ...") fires again a period after each
+due time until the conversation ends.
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ class Reminder:
   due_s: float
   text: str = dataclasses.field(compare=False)
   set_at_s: float = dataclasses.field(compare=False, default=0.0)
+  period_s: float = dataclasses.field(compare=False, default=0.0)  # 0: fires once
+
+
+def due_text(text: str) -> str:
+  """What a fired reminder puts into TEXT_IN (after RESULT): the corpus and the engine share it."""
+  return f"reminder: {text}"
 
 
 class Reminders:
@@ -44,19 +53,31 @@ class Reminders:
     self._items: list[Reminder] = []
     self._lock = threading.Lock()
 
-  def add(self, delay_s: float, text: str, now_s: float) -> Reminder:
+  def add(self, delay_s: float, text: str, now_s: float, period_s: float = 0.0) -> Reminder:
     if delay_s < 0:
       raise ValueError(f"reminder delay {delay_s} s is negative; use a time in the future")
-    r = Reminder(now_s + delay_s, text, now_s)
+    if period_s < 0 or 0 < period_s < 1.0:
+      raise ValueError(f"reminder period {period_s} s: repeat at most once a second "
+                       "(period >= 1 s), or 0 for a one-off")
+    r = Reminder(now_s + delay_s, text, now_s, period_s)
     with self._lock:
       self._items.append(r)
       self._items.sort()
     return r
 
   def due(self, now_s: float) -> list[Reminder]:
+    """The reminders due by now_s, each once (a repeating one is put back a period after its
+    due time, so a late poll fires it once, not for every period it missed)."""
     with self._lock:
       fired = [r for r in self._items if r.due_s <= now_s + 1e-9]
       self._items = [r for r in self._items if r.due_s > now_s + 1e-9]
+      for r in fired:
+        if r.period_s > 0:
+          nxt = r.due_s + r.period_s
+          while nxt <= now_s + 1e-9:
+            nxt += r.period_s
+          self._items.append(dataclasses.replace(r, due_s=nxt))
+      self._items.sort()
     return fired
 
   def pending(self) -> list[Reminder]:
@@ -85,7 +106,13 @@ def timer(args: str, ctx) -> str:
 
 
 def remind(args: str, ctx) -> str:
-  """'30 seconds; take the pasta out' -> reminder with that text."""
+  """'30 seconds; take the pasta out' -> a reminder with that text, due in 30 s;
+  'every 8 seconds; check the oven' -> one due every 8 s from now."""
   when, _, what = str(args).partition(";")
-  r = ctx.reminders.add(parse_duration(when), what.strip() or "reminder", ctx.now_s())
+  every = re.match(r"\s*every\b", when, re.IGNORECASE)
+  delay = parse_duration(when[every.end():] if every else when)
+  r = ctx.reminders.add(delay, what.strip() or "reminder", ctx.now_s(),
+                        period_s=delay if every else 0.0)
+  if every:
+    return f"reminder set every {delay:g} s: {r.text}"
   return f"reminder set for {r.due_s - r.set_at_s:g} s: {r.text}"
