@@ -4,6 +4,7 @@ r"""Write evaluation samples in Full-Duplex-Bench's on-disk layout (v1 and v1.5 
   python -m tml_jax.data.export_fdb --split=test --out=out/fdb \
       --config=configs/interaction.py:tiny --per_task=40
   python -m tml_jax.data.export_fdb --split=test --out=out/fdb --data_dir=data  # from a build
+  python -m tml_jax.data.export_fdb --split=test --out=out/fdb --behaviours  # + OUT/tasks/
 
 Then run the model over every input.wav, save its output.wav beside it, transcribe it with
 the benchmark's ASR step (output.json) and run its evaluator on one task folder, e.g.
@@ -79,8 +80,10 @@ from ml_collections import config_flags
 
 from tml_jax.audio.constants import SAMPLE_RATE as SR
 from tml_jax.data import scenarios
+from tml_jax.data.conversation import CHUNK_S
 
 TAIL_S = 4.0  # silence after the last user speech in turn-taking / interruption samples
+VIDEO_SIZE = (80, 80)  # behaviour samples' video.npy frames (the engine resizes to its layout)
 BC_WINDOW_S = 0.2  # the backchannel evaluator's histogram window
 # task folder -> scenario its samples are cut from
 TASKS = {"pause_handling": "pause_handling", "turn_taking": "turn_taking",
@@ -99,6 +102,7 @@ class Sample:
   silence_from: float | None = None  # zero the input from here on (other people's later turns)
   overlaps: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # v1.5
   extra_wavs: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+  video: bool = False  # write video.npy: what the camera shows (behaviour samples)
 
 
 def _seg(text: str, start: float, end: float) -> dict:
@@ -238,7 +242,11 @@ def plan(task: str, conv, rng: np.random.Generator) -> Sample | None:
     return _user_backchannel(conv, rng)
   if task in ("v1.5/talking_to_other", "v1.5/background_speech"):
     return _not_addressed(conv, rng, task.split("/")[1])
-  raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
+  from tml_jax.data import export_tasks  # imports this module
+  if task in export_tasks.BEHAVIOUR_TASKS:
+    return export_tasks.plan(task, conv)
+  raise ValueError(f"unknown task {task!r}; expected one of "
+                   f"{sorted(TASKS) + sorted(export_tasks.BEHAVIOUR_TASKS)}")
 
 
 def _clip(conv, start_s: float, end_s: float) -> np.ndarray:
@@ -294,8 +302,15 @@ def write_sample(root: str, task: str, number: int, conv, rng: np.random.Generat
     _write_wav(os.path.join(folder, "clean_input.wav"), clean)
   for name, (a, b) in sample.extra_wavs.items():
     _write_wav(os.path.join(folder, name), _clip(conv, a, b))
+  if sample.video:
+    from tml_jax.vision import synthetic
+    chunks = int(np.ceil(sample.end_s / CHUNK_S - 1e-6))
+    frames, _ = synthetic.make_video(chunks, VIDEO_SIZE, conv.video_events,
+                                     int(conv.meta.get("video_seed", 0)),
+                                     chunk_ms=int(round(CHUNK_S * 1000)))
+    np.save(os.path.join(folder, "video.npy"), frames)
   files = dict(sample.json_files)
-  if not task.startswith("v1.5"):
+  if not task.startswith(("v1.5", "tasks/")):
     words = [w for w in conv.words if w.speaker == "user" and w.start_s < sample.end_s
              and (sample.silence_from is None or w.start_s < sample.silence_from)]
     files["transcription.json"] = {"text": " ".join(w.text for w in words),
@@ -317,11 +332,11 @@ FORMAT = 2  # 2: pause clips run to the end of the paused turn
 
 
 def export_settings(split: str, data_cfg, per_task: int | None,
-                    data_dir: str | None) -> dict:
+                    data_dir: str | None, behaviours: bool = False) -> dict:
   """Everything that changes what an export writes (the key of the main job's cache)."""
   cfg = data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else dict(data_cfg)
   return json.loads(json.dumps(dict(format=FORMAT, corpus=scenarios.CORPUS_VERSION,
-                                    split=split, per_task=per_task,
+                                    split=split, per_task=per_task, behaviours=behaviours,
                                     data_dir=os.path.abspath(data_dir) if data_dir else None,
                                     data=cfg), default=str, sort_keys=True))
 
@@ -364,7 +379,8 @@ def _claim(out: str) -> None:
     return
   ours = set(manifest.get("files", []))
   # An export that stopped half-way listed no files yet: what lies in its task folders is its.
-  own_dirs = () if manifest.get("complete") else tuple(t + os.sep for t in TASKS)
+  own_dirs = () if manifest.get("complete") else tuple(t + os.sep for t in TASKS) + (
+      "tasks" + os.sep,)
   foreign = [f for f in present if f not in ours and not f.startswith(own_dirs)]
   if foreign:
     raise FileExistsError(
@@ -387,41 +403,48 @@ def _write_manifest(out: str, settings: dict, *, counts=None, files=()) -> None:
 
 
 def ensure_export(out: str, split: str, data_cfg, *, per_task: int | None = None,
-                  data_dir: str | None = None, log=print) -> dict[str, int]:
+                  data_dir: str | None = None, behaviours: bool = False,
+                  log=print) -> dict[str, int]:
   """The counts of a complete export in `out` made with the same settings, else export."""
   try:
     manifest = read_manifest(out)
   except ValueError:
     manifest = None  # export() raises with the reason
-  settings = export_settings(split, data_cfg, per_task, data_dir)
+  settings = export_settings(split, data_cfg, per_task, data_dir, behaviours)
   if manifest and manifest.get("complete") and manifest.get("settings") == settings:
     return manifest["counts"]
   log(f"exporting {per_task or 'all'} {split} samples per task to {out} ...")
-  return export(out, split, data_cfg, per_task=per_task, data_dir=data_dir)
+  return export(out, split, data_cfg, per_task=per_task, data_dir=data_dir,
+                behaviours=behaviours)
 
 
 def export(out: str, split: str, data_cfg, *, per_task: int | None = None,
-           data_dir: str | None = None) -> dict[str, int]:
+           data_dir: str | None = None, behaviours: bool = False) -> dict[str, int]:
   """Write every task's samples under `out` (empty, new, or an earlier export of ours: see
-  MANIFEST); returns samples written per task."""
+  MANIFEST); returns samples written per task. `behaviours`: also the samples of
+  tml_jax.data.export_tasks (delegation, reminders, video, translation, typed text)."""
   _claim(out)
   os.makedirs(out, exist_ok=True)
-  settings = export_settings(split, data_cfg, per_task, data_dir)
+  settings = export_settings(split, data_cfg, per_task, data_dir, behaviours)
   _write_manifest(out, settings)
-  counts = _export(out, split, data_cfg, per_task=per_task, data_dir=data_dir)
+  counts = _export(out, split, data_cfg, per_task=per_task, data_dir=data_dir,
+                   behaviours=behaviours)
   _write_manifest(out, settings, counts=counts,
                   files=[f for f in _files_under(out) if f != MANIFEST])
   return counts
 
 
 def _export(out: str, split: str, data_cfg, *, per_task: int | None,
-            data_dir: str | None) -> dict[str, int]:
+            data_dir: str | None, behaviours: bool = False) -> dict[str, int]:
   if data_dir:
     from tml_jax.data import tml_duplex
     source = tml_duplex.load_split(data_dir, split, data_cfg)
     stored = [tml_duplex.to_conversation(source[i]) for i in range(len(source))]
-  counts = {}
-  for t, (task, scenario) in enumerate(TASKS.items()):
+  counts, tasks = {}, dict(TASKS)
+  if behaviours:
+    from tml_jax.data.export_tasks import BEHAVIOUR_TASKS
+    tasks.update(BEHAVIOUR_TASKS)  # after the benchmark's: their cut-point seeds stay put
+  for t, (task, scenario) in enumerate(tasks.items()):
     rng = np.random.default_rng([int(data_cfg.seed), t])  # the cut points
     if data_dir:
       convs = (c for c in stored if c.scenario == scenario)
@@ -449,7 +472,7 @@ def main(argv):
   if not _OUT.value:
     raise app.UsageError("pass --out=DIR (the root folder of the benchmark layout)")
   counts = export(_OUT.value, _SPLIT.value, _CONFIG.value.data, per_task=_PER_TASK.value,
-                  data_dir=_DATA_DIR.value)
+                  data_dir=_DATA_DIR.value, behaviours=_BEHAVIOURS.value)
   print(json.dumps(counts, indent=1))
 
 
@@ -463,4 +486,6 @@ if __name__ == "__main__":
   _DATA_DIR = flags.DEFINE_string("data_dir", None, "Read a built corpus instead of generating.")
   _PER_TASK = flags.DEFINE_integer("per_task", None,
                                    "Samples per task when generating (default num_<split>).")
+  _BEHAVIOURS = flags.DEFINE_bool("behaviours", False,
+                                  "Also write OUT/tasks/<behaviour>/ (tml_jax.data.export_tasks).")
   app.run(main)

@@ -23,11 +23,12 @@ import traceback
 import numpy as np
 
 from tml_jax.audio import io as audio_io
-from tml_jax.eval import asr, metrics, report, samples as samples_lib, systems as systems_lib
+from tml_jax.eval import asr, behaviours, metrics, report, samples as samples_lib
+from tml_jax.eval import systems as systems_lib
 from tml_jax.eval import vad
 
 DEFAULT_SYSTEMS = ("model", "vad_0.5s", "vad_0.8s", "silent", "always_talking")
-OUTPUT_FILES = ("output.wav", "output.json", "monologue.json")
+OUTPUT_FILES = ("output.wav", "output.json", "monologue.json", "events.jsonl")
 
 
 def _load_pcm(path: str, name: str) -> np.ndarray:
@@ -46,9 +47,11 @@ def _read_words(path: str, duration_s: float, start_s: float = 0.0) -> list | No
     return metrics.clip(metrics.words_from_output(json.load(f)), duration_s, start_s)
 
 
-def score(sample, words: list, segs: list, user_segs: list) -> dict:
+def score(sample, words: list, segs: list, user_segs: list,
+          sys_events: list | None = None) -> dict:
   """The benchmark's metrics for the sample's kind from words and VAD segments, plus the
-  extras its annotations.json events ask for."""
+  extras its annotations.json events ask for: a behaviour sample (tml_jax.data.export_tasks)
+  is scored by `behaviours` (also from the events the system logged, `sys_events`)."""
   ref, dur = samples_lib.reference_times(sample), sample.duration_s
   if sample.kind == "pause_handling":
     out = metrics.pause_handling(words)
@@ -63,10 +66,12 @@ def score(sample, words: list, segs: list, user_segs: list) -> dict:
                              sample.expected.get("behaviour"))
   else:
     out = {}
-  if sample.events:
-    extra = metrics.extra_metrics(words, sample.events)
-    if extra:
-      out["extra"] = extra
+  if sample.expected.get("behaviour") in behaviours.BEHAVIOURS:
+    extra = behaviours.score(sample.expected, sample.events, words, sys_events)
+  else:
+    extra = metrics.extra_metrics(words, sample.events) if sample.events else {}
+  if extra:
+    out["extra"] = extra
   return out
 
 
@@ -133,12 +138,13 @@ def _score_row(r: dict, s, user_segs: list) -> None:
   # output.json is already cropped where the benchmark starts transcribing (asr.crop_s)
   said = _read_words(os.path.join(r["dir"], "output.json"), s.duration_s)
   r["words"] = len(said)
-  r["metrics"] = score(s, said, r["segs"], user_segs)
+  sys_events = behaviours.read_system_events(r["dir"])
+  r["metrics"] = score(s, said, r["segs"], user_segs, sys_events)
   mono_path = os.path.join(r["dir"], "monologue.json")
   meant = _read_words(mono_path, s.duration_s)
   if meant is not None:
     meant_after = metrics.clip(meant, s.duration_s, s.crop_s)
-    r["monologue_metrics"] = score(s, meant_after, r["segs"], user_segs)
+    r["monologue_metrics"] = score(s, meant_after, r["segs"], user_segs, sys_events)
     r["agreement"] = agreement(said, meant, meant_after, r["segs"])
 
 

@@ -113,6 +113,47 @@ def summarise_extra(items: dict[str, list[dict]]) -> dict:
   if items.get("counting"):
     xs = items["counting"]
     out["counting"] = {"acc": _rate(x["correct"] for x in xs), "n": len(xs)}
+  out.update(_summarise_behaviours(items))
+  return out
+
+
+def _summarise_behaviours(items: dict[str, list[dict]]) -> dict:
+  """The behaviour samples' groups (tml_jax.eval.behaviours), with the chain's link counts."""
+  out = {}
+  count = lambda xs, k: sum(bool(x[k]) for x in xs)
+  if items.get("delegation"):
+    xs = items["delegation"]
+    out["delegation"] = {
+        "delegated_rate": _rate(x["delegated"] for x in xs), "acc": _rate(x["correct"] for x in xs),
+        "latency_s": mean(x["latency_s"] for x in xs),
+        "compute_s": mean(x["compute_s"] for x in xs), "weave_s": mean(x["weave_s"] for x in xs),
+        "links": {k: count(xs, k) for k in ("delegated", "tool_called", "result", "spoken",
+                                             "correct")}, "n": len(xs)}
+  if items.get("reminder_timing"):
+    xs = items["reminder_timing"]
+    errs = [x["error_s"] for x in xs if x["error_s"] is not None]
+    out["reminder_timing"] = {
+        "within_0.4s": _rate(x["error_s"] is not None and abs(x["error_s"]) <= 0.4 for x in xs),
+        "said_rate": _rate(x["said"] for x in xs), "error_s": mean(errs),
+        "abs_error_s": mean(abs(e) for e in errs), "fired_rate": _rate(x["fired"] for x in xs),
+        "links": {"fired": count(xs, "fired"), "said": count(xs, "said")}, "n": len(xs)}
+  if items.get("visual"):
+    xs = items["visual"]
+    out["visual"] = {
+        "within_1s": _rate(x["latency_s"] is not None and x["latency_s"] <= 1.0 for x in xs),
+        "latency_s": mean(x["latency_s"] for x in xs),
+        "mention_rate": _rate(x["mentions"] for x in xs), "n": len(xs)}
+  if items.get("count"):
+    xs = items["count"]
+    out["count"] = {"acc": _rate(x["correct"] for x in xs), "n": len(xs)}
+  if items.get("translation"):
+    xs = items["translation"]
+    out["translation"] = {"recall": mean(x["recall"] for x in xs),
+                          "lag_s": mean(x["lag_s"] for x in xs), "n": len(xs)}
+  if items.get("typed_text"):
+    xs = items["typed_text"]
+    out["typed_text"] = {"acc": _rate(x["correct"] for x in xs),
+                         "latency_s": mean(x["latency_s"] for x in xs), "n": len(xs)}
   return out
 
 
@@ -191,7 +232,23 @@ EXTRA_ROWS = (("background answer acc", "background_answer", "acc", "higher"),
               ("background answer latency (s)", "background_answer", "latency_s", "lower"),
               ("reminder |error| (s)", "reminder", "abs_error_s", "lower"),
               ("visual interjection latency (s)", "visual_interjection", "latency_s", "lower"),
-              ("repetition count acc", "counting", "acc", "higher"))
+              ("repetition count acc", "counting", "acc", "higher"),
+              # the behaviour samples (tml_jax.data.export_tasks, scored by eval.behaviours)
+              ("delegation: delegated", "delegation", "delegated_rate", "higher"),
+              ("delegation: spoken answer correct", "delegation", "acc", "higher"),
+              ("delegation: request end to answer (s)", "delegation", "latency_s", "lower"),
+              ("delegation: background compute (s)", "delegation", "compute_s", "lower"),
+              ("delegation: result to spoken answer (s)", "delegation", "weave_s", "lower"),
+              ("reminder: said within 0.4 s of due", "reminder_timing", "within_0.4s",
+               "higher"),
+              ("reminder: signed error (s)", "reminder_timing", "error_s", ""),
+              ("reminder: fired by the tool", "reminder_timing", "fired_rate", "higher"),
+              ("visual: remark within 1 s", "visual", "within_1s", "higher"),
+              ("visual: remark latency (s)", "visual", "latency_s", "lower"),
+              ("counting: count correct", "count", "acc", "higher"),
+              ("translation: target words spoken", "translation", "recall", "higher"),
+              ("translation: ear-voice lag (s)", "translation", "lag_s", "lower"),
+              ("typed text: answered", "typed_text", "acc", "higher"))
 AGREEMENT_ROWS = (("audio-text: ASR WER vs monologue", "wer", "lower"),
                   ("audio-text: monologue words on audible output", "audible_share", "higher"))
 
