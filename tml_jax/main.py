@@ -4,8 +4,10 @@ r"""The project's main job, end to end on the tiny config:
 
 1. builds the tml_duplex corpus on first use (config.data; `data/` beside the workdir),
 2. trains (tml_jax.train.loop; resumes when rerun) and writes W/report.md + W/loss_curves.png,
-3. exports the test split in Full-Duplex-Bench layout (once) and runs the evaluation harness
-   over it for the trained model and the baselines, then prints the results table
+3. exports the test split in Full-Duplex-Bench layout (once), with the behaviour samples
+   beside it (delegation, reminders, visual events, counting, translation, typed text:
+   tml_jax.data.export_tasks), and runs the evaluation harness over them for the trained
+   model and the baselines, then prints the results table
    (W/eval/report.md): every system scored on what it says out loud (the ASR of its
    output.wav), with the model's own text stream in a labelled column beside it. Exits
    non-zero when the trained model cannot be loaded for scoring.
@@ -22,6 +24,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (pa
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, reports).")
 _EVAL = flags.DEFINE_bool("eval", True, "Run the Full-Duplex-Bench style evaluation at the end.")
 _PER_TASK = flags.DEFINE_integer("eval_per_task", 8, "Evaluation samples per task.")
+_BEHAVIOURS = flags.DEFINE_bool("eval_behaviours", True,
+                                "Also evaluate the behaviour samples (tml_jax.data.export_tasks).")
 
 
 def main(argv):
@@ -42,7 +46,7 @@ def main(argv):
   fdb = os.path.join(paths.local_folder(result["data_dir"]), f"fdb_test_{_PER_TASK.value}")
   # Reused only when its manifest holds the same settings (seed, durations, per_task, ...).
   export_fdb.ensure_export(fdb, "test", config.data, per_task=_PER_TASK.value,
-                           log=lambda m: print(m, flush=True))
+                           behaviours=_BEHAVIOURS.value, log=lambda m: print(m, flush=True))
   out = os.path.join(local, "eval")
   if local != workdir:
     print(f"{workdir} is remote: the evaluation is written to {out}", flush=True)
