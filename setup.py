@@ -19,7 +19,6 @@ setup(
         "tensorboard>=2.19",
         "array-record>=0.7",
         "ml-collections>=1.0",
-        "clu>=0.0.12",
         "espeakng-loader>=0.2.4",
         "numpy>=2.0",
         "scipy>=1.13",
@@ -34,9 +33,9 @@ setup(
     ],
     package_data={"tml_jax.serve": ["static/*"]},
     extras_require={
-        # clu's metric writers (training) import TensorFlow (docs/design.md §2). An extra, not
-        # a requirement: where TensorFlow is already installed (Colab) a second copy,
-        # tensorflow-cpu, would overwrite its files. scripts/setup.sh installs it.
+        # No tml_jax code imports TensorFlow (docs/design.md §2); TensorBoard's and TFDS's own
+        # tools use it. An extra, not a requirement: where TensorFlow is already installed
+        # (Colab) a second copy, tensorflow-cpu, would overwrite its files.
         "tf": ["tensorflow-cpu>=2.19"],
         # The TPU compiler, for ahead-of-time plans on a host without a TPU
         # (python -m tml_jax.plan --topology=v5p-512); the build jax 0.11.2's jax[tpu] pins.

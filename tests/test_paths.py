@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from tml_jax import paths
@@ -102,3 +103,31 @@ def test_run_files_go_to_the_bucket(fake_bucket):
   with pytest.raises(FileNotFoundError, match="gs://bkt/runs/data"):
     tml_duplex.dataset_dir("gs://bkt/runs/data", config.data)
   assert all(c.startswith("gs://bkt/") for c in calls)
+
+
+def _scalars(folder) -> dict:
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  ea = EventAccumulator(str(folder))
+  ea.Reload()
+  return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+
+
+def test_tensorboard_scalars_locally_and_in_the_bucket(fake_bucket, tmp_path, rng):
+  """The trainer's TensorBoard writer (no TensorFlow) writes files TensorBoard reads, into a
+  local folder by appending and into a bucket (no append) by rewriting."""
+  from tml_jax.train.tensorboard import ScalarWriter
+  root, _ = fake_bucket
+  values = rng.normal(size=(4, 2)).astype(np.float32)
+  for logdir, where in ((str(tmp_path / "local_run"), tmp_path / "local_run"),
+                        ("gs://bkt/tb", root / "bkt" / "tb")):
+    w = ScalarWriter(logdir)
+    for step, (a, b) in enumerate(values):
+      w.write_scalars(step, {"loss": a, "lr": b})
+      w.flush()
+    w.close()
+    (name,) = os.listdir(where)
+    assert name.startswith("events.out.tfevents.")
+    got = _scalars(where)
+    assert [s for s, _ in got["loss"]] == list(range(4))
+    np.testing.assert_allclose([v for _, v in got["loss"]], values[:, 0])
+    np.testing.assert_allclose([v for _, v in got["lr"]], values[:, 1])

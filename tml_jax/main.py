@@ -51,7 +51,7 @@ def main(argv):
   if local != workdir:
     print(f"{workdir} is remote: the evaluation is written to {out}", flush=True)
   # Its own process: the Silero VAD's ONNX runtime aborts ("free(): invalid pointer") in a
-  # process that has loaded TensorFlow, which training does (clu's metric writers).
+  # process that has loaded TensorFlow; training no longer does, but stays apart from it.
   cmd = [sys.executable, "-m", "tml_jax.evaluate", f"--workdir={workdir}", f"--data={fdb}",
          f"--out={out}"]
   rc = subprocess.run(cmd).returncode  # prints the voice-scored table, monologue beside

@@ -10,5 +10,5 @@
   sharding.py    mesh axes, logical-axis -> mesh-axis mapping, host -> global batches
 
 Deliberately empty of imports: serving imports tml_jax.train.state / .checkpoint without
-grain, optax, clu or TensorFlow, and importing this package must not pull them in.
+grain, optax or TensorFlow, and importing this package must not pull them in.
 """

@@ -101,27 +101,26 @@ def data_loaders(config, workdir: str):
 
 
 class MetricsLog:
-  """TensorBoard (through clu) plus a plain jsonl for scripts; process 0 writes."""
+  """TensorBoard scalars (tml_jax.train.tensorboard, no TensorFlow) plus a plain jsonl for
+  scripts; process 0 writes, the others log nothing."""
 
   def __init__(self, workdir: str):
-    try:
-      from clu import metric_writers  # pulls in TensorFlow: only when a run starts
-    except ImportError as e:
-      raise ImportError(f"training writes TensorBoard metrics through clu, which needs "
-                        f"TensorFlow ({e}). Fix: pip install 'tml_jax[tf]' (tensorflow-cpu), "
-                        "or use an environment that has TensorFlow (Colab does).") from e
     self.primary = jax.process_index() == 0
-    self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.primary)
+    self.writer = None
+    if self.primary:
+      from tml_jax.train.tensorboard import ScalarWriter
+      self.writer = ScalarWriter(workdir)
     self.path = paths.join(workdir, "metrics.jsonl")
 
   def write(self, step: int, scalars: dict):
     scalars = {k: float(v) for k, v in scalars.items()}
-    self.writer.write_scalars(step, scalars)
     if self.primary:
+      self.writer.write_scalars(step, scalars)
       paths.append_line(self.path, json.dumps(dict(step=step, **scalars)))
 
   def flush(self):
-    self.writer.flush()
+    if self.writer is not None:
+      self.writer.flush()
 
 
 # ----------------------------------------------------------------------------- measuring
