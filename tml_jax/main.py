@@ -26,6 +26,10 @@ _EVAL = flags.DEFINE_bool("eval", True, "Run the Full-Duplex-Bench style evaluat
 _PER_TASK = flags.DEFINE_integer("eval_per_task", 8, "Evaluation samples per task.")
 _BEHAVIOURS = flags.DEFINE_bool("eval_behaviours", True,
                                 "Also evaluate the behaviour samples (tml_jax.data.export_tasks).")
+# 4, not 8: behaviour samples run 8-24 s each, and the evaluation stays within 8 minutes on
+# 2 cores (8 per behaviour added 4.5 min, benchmarks/RESULTS.md).
+_BEHAVIOUR_PER_TASK = flags.DEFINE_integer("eval_behaviour_per_task", 4,
+                                           "Evaluation samples per behaviour task.")
 
 
 def main(argv):
@@ -46,7 +50,9 @@ def main(argv):
   fdb = os.path.join(paths.local_folder(result["data_dir"]), f"fdb_test_{_PER_TASK.value}")
   # Reused only when its manifest holds the same settings (seed, durations, per_task, ...).
   export_fdb.ensure_export(fdb, "test", config.data, per_task=_PER_TASK.value,
-                           behaviours=_BEHAVIOURS.value, log=lambda m: print(m, flush=True))
+                           behaviours=_BEHAVIOURS.value,
+                           behaviour_per_task=_BEHAVIOUR_PER_TASK.value,
+                           log=lambda m: print(m, flush=True))
   out = os.path.join(local, "eval")
   if local != workdir:
     print(f"{workdir} is remote: the evaluation is written to {out}", flush=True)

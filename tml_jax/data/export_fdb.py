@@ -332,11 +332,14 @@ FORMAT = 2  # 2: pause clips run to the end of the paused turn
 
 
 def export_settings(split: str, data_cfg, per_task: int | None,
-                    data_dir: str | None, behaviours: bool = False) -> dict:
+                    data_dir: str | None, behaviours: bool = False,
+                    behaviour_per_task: int | None = None) -> dict:
   """Everything that changes what an export writes (the key of the main job's cache)."""
   cfg = data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else dict(data_cfg)
   return json.loads(json.dumps(dict(format=FORMAT, corpus=scenarios.CORPUS_VERSION,
                                     split=split, per_task=per_task, behaviours=behaviours,
+                                    behaviour_per_task=behaviour_per_task if behaviours
+                                    else None,
                                     data_dir=os.path.abspath(data_dir) if data_dir else None,
                                     data=cfg), default=str, sort_keys=True))
 
@@ -404,38 +407,43 @@ def _write_manifest(out: str, settings: dict, *, counts=None, files=()) -> None:
 
 def ensure_export(out: str, split: str, data_cfg, *, per_task: int | None = None,
                   data_dir: str | None = None, behaviours: bool = False,
-                  log=print) -> dict[str, int]:
+                  behaviour_per_task: int | None = None, log=print) -> dict[str, int]:
   """The counts of a complete export in `out` made with the same settings, else export."""
   try:
     manifest = read_manifest(out)
   except ValueError:
     manifest = None  # export() raises with the reason
-  settings = export_settings(split, data_cfg, per_task, data_dir, behaviours)
+  settings = export_settings(split, data_cfg, per_task, data_dir, behaviours,
+                             behaviour_per_task)
   if manifest and manifest.get("complete") and manifest.get("settings") == settings:
     return manifest["counts"]
   log(f"exporting {per_task or 'all'} {split} samples per task to {out} ...")
   return export(out, split, data_cfg, per_task=per_task, data_dir=data_dir,
-                behaviours=behaviours)
+                behaviours=behaviours, behaviour_per_task=behaviour_per_task)
 
 
 def export(out: str, split: str, data_cfg, *, per_task: int | None = None,
-           data_dir: str | None = None, behaviours: bool = False) -> dict[str, int]:
+           data_dir: str | None = None, behaviours: bool = False,
+           behaviour_per_task: int | None = None) -> dict[str, int]:
   """Write every task's samples under `out` (empty, new, or an earlier export of ours: see
   MANIFEST); returns samples written per task. `behaviours`: also the samples of
-  tml_jax.data.export_tasks (delegation, reminders, video, translation, typed text)."""
+  tml_jax.data.export_tasks (delegation, reminders, video, translation, typed text),
+  `behaviour_per_task` of each (default: per_task)."""
   _claim(out)
   os.makedirs(out, exist_ok=True)
-  settings = export_settings(split, data_cfg, per_task, data_dir, behaviours)
+  settings = export_settings(split, data_cfg, per_task, data_dir, behaviours,
+                             behaviour_per_task)
   _write_manifest(out, settings)
   counts = _export(out, split, data_cfg, per_task=per_task, data_dir=data_dir,
-                   behaviours=behaviours)
+                   behaviours=behaviours, behaviour_per_task=behaviour_per_task)
   _write_manifest(out, settings, counts=counts,
                   files=[f for f in _files_under(out) if f != MANIFEST])
   return counts
 
 
 def _export(out: str, split: str, data_cfg, *, per_task: int | None,
-            data_dir: str | None, behaviours: bool = False) -> dict[str, int]:
+            data_dir: str | None, behaviours: bool = False,
+            behaviour_per_task: int | None = None) -> dict[str, int]:
   if data_dir:
     from tml_jax.data import tml_duplex
     source = tml_duplex.load_split(data_dir, split, data_cfg)
@@ -446,12 +454,17 @@ def _export(out: str, split: str, data_cfg, *, per_task: int | None,
     tasks.update(BEHAVIOUR_TASKS)  # after the benchmark's: their cut-point seeds stay put
   for t, (task, scenario) in enumerate(tasks.items()):
     rng = np.random.default_rng([int(data_cfg.seed), t])  # the cut points
+    n_task, cap = per_task, None
+    if task.startswith("tasks/") and behaviour_per_task is not None:
+      n_task = cap = behaviour_per_task
     if data_dir:
       convs = (c for c in stored if c.scenario == scenario)
+      if cap is not None:
+        convs = (c for _, c in zip(range(cap), convs))
     else:
       convs = (scenarios.generate(split, i, int(data_cfg.seed), float(data_cfg.conversation_s),
                                   scenario, clean_mic=True)
-               for i in range(per_task or int(data_cfg[f"num_{split}"])))
+               for i in range(n_task or int(data_cfg[f"num_{split}"])))
     gt, n = {}, 0
     for conv in convs:
       sample = write_sample(out, task, n, conv, rng)
@@ -472,7 +485,8 @@ def main(argv):
   if not _OUT.value:
     raise app.UsageError("pass --out=DIR (the root folder of the benchmark layout)")
   counts = export(_OUT.value, _SPLIT.value, _CONFIG.value.data, per_task=_PER_TASK.value,
-                  data_dir=_DATA_DIR.value, behaviours=_BEHAVIOURS.value)
+                  data_dir=_DATA_DIR.value, behaviours=_BEHAVIOURS.value,
+                  behaviour_per_task=_BEHAVIOUR_PER_TASK.value)
   print(json.dumps(counts, indent=1))
 
 
@@ -488,4 +502,6 @@ if __name__ == "__main__":
                                    "Samples per task when generating (default num_<split>).")
   _BEHAVIOURS = flags.DEFINE_bool("behaviours", False,
                                   "Also write OUT/tasks/<behaviour>/ (tml_jax.data.export_tasks).")
+  _BEHAVIOUR_PER_TASK = flags.DEFINE_integer(
+      "behaviour_per_task", None, "Samples per behaviour task (default: --per_task).")
   app.run(main)
