@@ -4,13 +4,14 @@ Variants
   tiny       CPU, 8.3 M parameters (2 blocks, 8 experts, top-2; 3.9 M active), 20 minutes on
              2 cores.
              python -m tml_jax.main --config=configs/interaction.py:tiny --workdir=runs/tiny
-             # expected (2 cores, jax 0.11.2): 0.45-0.65 steps/s, 560-720 steps; validation
-             # text cross-entropy ~0.8 nats (unigram baseline 2.28), byte accuracy ~0.64,
-             # flow loss 1.2 -> ~0.3 (speech chunks only). The voice now takes turns, but
-             # the gate's pause/turn-end separation is the limit: at the calibrated
-             # threshold it either takes few turns or takes pauses too, and pocketsphinx
-             # finds few words in the babble (runs/tiny/eval/report.md, per-task
-             # figures and both seeds in benchmarks/RESULTS.md).
+             # expected (2 cores, jax 0.11.2): 0.44-0.65 steps/s, 500-720 steps (the corpus
+             # build counts against the budget); validation text cross-entropy ~0.8 nats
+             # (unigram baseline 2.28), byte accuracy ~0.6, flow loss 1.2 -> ~0.3 (speech
+             # chunks only). The voice takes some turns, but the gate's pause/turn-end
+             # separation is the limit (it grows with steps: benchmarks/probe_curve.py), and
+             # the model does not yet emit DELEGATE, so the behaviour rows (delegation,
+             # reminders) are zeros; per-task figures in runs/tiny/eval/report.md, runs and
+             # seeds in benchmarks/RESULTS.md.
              python -m tml_jax.params --config=configs/interaction.py:tiny
              python -m tml_jax.demo --config=configs/interaction.py:tiny --out=out/demo
   small      one GPU, 1.95 B total / 0.59 B active parameters.

@@ -79,7 +79,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from tml_jax.audio.constants import SAMPLE_RATE as SR
-from tml_jax.data import scenarios
+from tml_jax.data import export_tasks, scenarios
+from tml_jax.data.clips import Sample, next_speech
 from tml_jax.data.conversation import CHUNK_S
 
 TAIL_S = 4.0  # silence after the last user speech in turn-taking / interruption samples
@@ -93,18 +94,6 @@ TASKS = {"pause_handling": "pause_handling", "turn_taking": "turn_taking",
          "v1.5/background_speech": "background_speech"}
 
 
-@dataclasses.dataclass
-class Sample:
-  """One benchmark sample cut from a conversation (times in seconds from its start)."""
-  end_s: float                       # input.wav length
-  json_files: dict[str, object]      # file name -> content
-  expected: dict
-  silence_from: float | None = None  # zero the input from here on (other people's later turns)
-  overlaps: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # v1.5
-  extra_wavs: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
-  video: bool = False  # write video.npy: what the camera shows (behaviour samples)
-
-
 def _seg(text: str, start: float, end: float) -> dict:
   return {"text": text, "timestamp": [round(float(start), 3), round(float(end), 3)]}
 
@@ -112,12 +101,6 @@ def _seg(text: str, start: float, end: float) -> dict:
 def _said(conv, start: float, end: float, speaker: str = "user") -> str:
   return " ".join(w.text for w in conv.words
                   if w.speaker == speaker and w.start_s >= start - 1e-3 and w.end_s <= end + 1e-3)
-
-
-def _next_speech(conv, after: float) -> float:
-  """Start of the next user/other word after `after` (the end of what a sample may keep)."""
-  starts = [w.start_s for w in conv.words if w.speaker != "model" and w.start_s > after + 0.01]
-  return min(starts, default=conv.duration_s)
 
 
 def _pause_handling(conv, rng) -> Sample | None:
@@ -146,7 +129,7 @@ def _turn_taking(conv, rng) -> Sample | None:
   return Sample(end, {"turn_taking.json": [_seg(u.data["text"], u.end_s, end)]},
                 dict(behaviour="take_turn", user_turn_end_s=u.end_s,
                      reference_latency_s=reply.data.get("latency_s") if reply else None),
-                silence_from=min(end, _next_speech(conv, u.end_s) - 0.05))
+                silence_from=min(end, next_speech(conv, u.end_s) - 0.05))
 
 
 def _backchannel(conv, rng) -> Sample | None:
@@ -160,7 +143,7 @@ def _backchannel(conv, rng) -> Sample | None:
                 {"backchannel.json": [_seg(e.data["text"], e.start_s, e.end_s) for e in bcs]},
                 dict(behaviour="backchannel_in_gaps", user_turn=[u.start_s, u.end_s],
                      reference_backchannels=[[e.start_s, e.end_s] for e in bcs]),
-                silence_from=min(u.end_s + 1.0, _next_speech(conv, u.end_s) - 0.05))
+                silence_from=min(u.end_s + 1.0, next_speech(conv, u.end_s) - 0.05))
 
 
 def _interruption(conv, rng, v15: bool) -> Sample | None:
@@ -173,7 +156,7 @@ def _interruption(conv, rng, v15: bool) -> Sample | None:
   end = i.end_s + TAIL_S
   expected = dict(behaviour="stop_then_respond", interrupt_start_s=i.start_s,
                   reference_stop_s=i.data["model_stop_s"])
-  silence = min(end, _next_speech(conv, i.end_s) - 0.05)
+  silence = min(end, next_speech(conv, i.end_s) - 0.05)
   if v15:
     meta = dict(context_text=ask.data["text"], current_turn_text=i.data["text"],
                 timestamps=[i.start_s, i.end_s])
@@ -201,7 +184,7 @@ def _user_backchannel(conv, rng) -> Sample | None:
   return Sample(end, {"metadata.json": meta},
                 dict(behaviour="keep_talking", reference_model_turn=[turn.start_s, turn.end_s],
                      user_backchannels=[[e.start_s, e.end_s] for e in bcs]),
-                silence_from=min(end, _next_speech(conv, bcs[-1].end_s) - 0.05),
+                silence_from=min(end, next_speech(conv, bcs[-1].end_s) - 0.05),
                 overlaps=[(e.start_s, e.end_s) for e in bcs])
 
 
@@ -224,7 +207,7 @@ def _not_addressed(conv, rng, kind: str) -> Sample | None:
   return Sample(end, {"metadata.json": meta},
                 dict(behaviour="keep_talking" if during else "stay_silent",
                      overlap=[first.start_s, last.end_s], during_model=during),
-                silence_from=min(end, _next_speech(conv, last.end_s) - 0.05),
+                silence_from=min(end, next_speech(conv, last.end_s) - 0.05),
                 overlaps=[(e.start_s, e.end_s) for e in group])
 
 
@@ -242,7 +225,6 @@ def plan(task: str, conv, rng: np.random.Generator) -> Sample | None:
     return _user_backchannel(conv, rng)
   if task in ("v1.5/talking_to_other", "v1.5/background_speech"):
     return _not_addressed(conv, rng, task.split("/")[1])
-  from tml_jax.data import export_tasks  # imports this module
   if task in export_tasks.BEHAVIOUR_TASKS:
     return export_tasks.plan(task, conv)
   raise ValueError(f"unknown task {task!r}; expected one of "
@@ -450,8 +432,7 @@ def _export(out: str, split: str, data_cfg, *, per_task: int | None,
     stored = [tml_duplex.to_conversation(source[i]) for i in range(len(source))]
   counts, tasks = {}, dict(TASKS)
   if behaviours:
-    from tml_jax.data.export_tasks import BEHAVIOUR_TASKS
-    tasks.update(BEHAVIOUR_TASKS)  # after the benchmark's: their cut-point seeds stay put
+    tasks.update(export_tasks.BEHAVIOUR_TASKS)  # after the benchmark's: their cut-point seeds stay put
   for t, (task, scenario) in enumerate(tasks.items()):
     rng = np.random.default_rng([int(data_cfg.seed), t])  # the cut points
     n_task, cap = per_task, None

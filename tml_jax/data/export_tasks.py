@@ -33,7 +33,7 @@ harness scores it with `tml_jax.eval.metrics.extra_metrics` on the ASR of its ou
 
 from __future__ import annotations
 
-from tml_jax.data import export_fdb as fdb
+from tml_jax.data.clips import Sample, next_speech
 
 # task folder -> scenario its samples are cut from
 BEHAVIOUR_TASKS = {"tasks/delegation": "delegation", "tasks/reminder": "reminder",
@@ -43,7 +43,7 @@ TAIL_S = 3.0  # time after the reference behaviour's end that a slower system ma
 
 
 def _silence_after(conv, t: float, end: float) -> float:
-  return min(end, fdb._next_speech(conv, t) - 0.05)
+  return min(end, next_speech(conv, t) - 0.05)
 
 
 def _end(conv, t: float) -> float:
@@ -60,7 +60,7 @@ def _delegation(conv):
                  if e.data.get("responds_to") == "text_in" and e.start_s >= d.end_s), None)
   ref_end = answer.end_s if answer else d.end_s + 2.0
   end = _end(conv, ref_end)
-  return fdb.Sample(end, {}, dict(
+  return Sample(end, {}, dict(
       behaviour="delegate_and_answer", question_end_s=ask.end_s, tool=d.data["tool"],
       args=d.data.get("args"), answer=d.data["answer"],
       reference_answer_s=answer.start_s if answer else None),
@@ -75,7 +75,7 @@ def _reminder(conv):
   r, d = sets[0], next(e for e in conv.events_of("delegation")
                        if e.data.get("purpose") == "reminder")
   end = _end(conv, due[-1].end_s)
-  return fdb.Sample(end, {}, dict(
+  return Sample(end, {}, dict(
       behaviour="remind_when_due", tool=d.data["tool"], args=d.data.get("args"),
       task=r.data["task"], due_s=[e.data["due_s"] for e in due],
       period_s=r.data.get("period_s", 0.0)))
@@ -86,7 +86,7 @@ def _visual(conv):
   if not seen:
     return None
   end = _end(conv, seen[-1].end_s)
-  return fdb.Sample(end, {}, dict(
+  return Sample(end, {}, dict(
       behaviour="remark_on_what_appears", appear_s=[e.start_s for e in seen],
       descriptions=[e.data["description"] for e in seen]),
       silence_from=_silence_after(conv, seen[-1].start_s, end), video=True)
@@ -97,7 +97,7 @@ def _counting(conv):
   if not req or not ans:
     return None
   end = _end(conv, ans[0].end_s)
-  return fdb.Sample(end, {}, dict(behaviour="say_the_count", count=ans[0].data["count"],
+  return Sample(end, {}, dict(behaviour="say_the_count", count=ans[0].data["count"],
                                   last_bounce_s=req[0].end_s),
                     silence_from=_silence_after(conv, req[0].end_s, end), video=True)
 
@@ -107,7 +107,7 @@ def _translation(conv):
   if not segs:
     return None
   end = _end(conv, max(e.end_s for e in segs))
-  return fdb.Sample(end, {}, dict(
+  return Sample(end, {}, dict(
       behaviour="translate_while_listening", lang=segs[0].data["lang"],
       segments=[dict(source=e.data["source"], target=e.data["target"], start_s=e.start_s,
                      end_s=e.end_s) for e in segs]),
@@ -124,7 +124,7 @@ def _typed(conv):
   if answer is None:
     return None
   end = _end(conv, answer.end_s)
-  return fdb.Sample(end, {}, dict(behaviour="answer_typed_text", typed_s=t.start_s,
+  return Sample(end, {}, dict(behaviour="answer_typed_text", typed_s=t.start_s,
                                   text=t.data["text"], answer=answer.data["text"]),
                     silence_from=_silence_after(conv, t.start_s, end))
 
@@ -134,7 +134,7 @@ _PLANNERS = {"tasks/delegation": _delegation, "tasks/reminder": _reminder,
              "tasks/translation": _translation, "tasks/typed_text": _typed}
 
 
-def plan(task: str, conv) -> "fdb.Sample | None":
+def plan(task: str, conv) -> "Sample | None":
   """The sample of behaviour `task` cut from `conv`, or None if it has no such moment."""
   if task not in _PLANNERS:
     raise ValueError(f"unknown behaviour task {task!r}; expected one of {sorted(_PLANNERS)}")

@@ -80,7 +80,7 @@ def reminder(s: Scene):
     # Small talk that ends before the reminder fires; the reminder never waits for it.
     s.fill_exchanges(until=fire_s - 0.5)
     start = round(fire_s + CHUNK_S + s.uniform(0.0, 0.15), 3)  # the next micro-turn plays it
-    span = s.say("model", due_say, max(start, s.t))
+    span = s.say("model", due_say, start)  # the small talk ended 0.5 s before the firing
     if span:
       s.event("reminder_due", *span, task=task, due_s=round(fire_s, 3),
               latency_s=round(span[0] - fire_s, 3))
