@@ -105,7 +105,7 @@ def test_pipeline_background_fields_follow_the_delegate_token():
                            result_text="Lima", answer="Lima.")),
             dict(kind="delegation", start_s=1.6, end_s=3.0,
                  data=dict(tool="calculator", question="q", result_text="2 + 2 = 4", answer="4"))]
-  items = ex._background(dict(events_json=json.dumps(events)), target)
+  items = ex._background(events, target)
   assert [c for c, *_ in items] == [7, 21]
   crop = ex._crop_background(items, start=3, n=10)
   assert crop["bg_chunk"].tolist() == [4, -1]

@@ -71,7 +71,8 @@ class MicroTurnExample(grain.transforms.RandomMap):
       if _text(speaker) == "model":
         said[chunk_of(float(start))].append((float(start), tok.ByteTokenizer().encode(
             _text(text) + " ")))
-    for e in json.loads(_text(record["events_json"])):
+    annotated = json.loads(_text(record["events_json"]))  # parsed once per record
+    for e in annotated:
       if e["kind"] == "delegation":
         said[chunk_of(e["start_s"])].append((float(e["start_s"]), [tok.DELEGATE]))
     said = [[t for _, ids in sorted(items, key=lambda x: x[0]) for t in ids] for items in said]
@@ -81,7 +82,7 @@ class MicroTurnExample(grain.transforms.RandomMap):
     out["model_text_in"] = np.concatenate(
         [np.full((total, 1), tok.BOS, np.int32), target[:, :-1]], axis=1)
     if self.bg_delegations:
-      out["_bg"] = self._background(record, target)
+      out["_bg"] = self._background(annotated, target)
 
     arriving = [[] for _ in range(total)]
     for t, text in zip(record["text_in_s"], record["text_in_text"]):
@@ -105,7 +106,7 @@ class MicroTurnExample(grain.transforms.RandomMap):
     out["self_speaking"] = voiced  # the model input of the same (ModelConfig.self_speaking)
     out["speak_condition"] = speak_labels.chunk_conditions(record, total, self.chunk_s)
     out["_anchors"] = [chunk_of(float(e["data"]["due_s"]))
-                       for e in json.loads(_text(record["events_json"]))
+                       for e in annotated
                        if e["kind"] == "reminder_due"]
 
     events = json.loads(_text(record["video_events_json"]))
@@ -120,10 +121,10 @@ class MicroTurnExample(grain.transforms.RandomMap):
       out["has_video"] = np.full((total,), bool(events))
     return out
 
-  def _background(self, record, target) -> list:
+  def _background(self, annotated: list[dict], target) -> list:
     """(chunk, inputs, targets, mask) per delegation: the chunk is where its DELEGATE landed
     in the text targets (FIFO spill included), i.e. the micro-turn that emits it."""
-    events = sorted((e for e in json.loads(_text(record["events_json"]))
+    events = sorted((e for e in annotated
                      if e["kind"] == "delegation"), key=lambda e: e["start_s"])
     chunks = [int(c) for c, j in zip(*np.nonzero(target == tok.DELEGATE))]
     out = []
