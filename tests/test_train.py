@@ -173,42 +173,6 @@ def test_injected_nan_stops_with_a_checkpoint(smoke_corpus, tmp_path):
   assert max(losses(workdir)) == 4  # nothing logged after the bad step
 
 
-def test_sigterm_saves_and_exits(smoke_corpus, tmp_path):
-  _, overrides = smoke_corpus
-  workdir = str(tmp_path / "term")
-  proc = subprocess.Popen(train_cmd(workdir, overrides, "--config.train.num_steps=200"),
-                          cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-  wait_for(lambda: os.path.exists(os.path.join(workdir, "metrics.jsonl")) and
-           max(losses(workdir), default=0) >= 2, 300, "trainer never reached step 2")
-  proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 0, out[-2000:]
-  assert "SIGTERM received: saved step" in out
-  step = int(out.split("SIGTERM received: saved step ")[1].split()[0])
-  assert os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
-
-
-def test_two_processes_train_then_one_restores(smoke_corpus, tmp_path):
-  _, overrides = smoke_corpus
-  workdir = str(tmp_path / "mp")
-  p = subprocess.run(["bash", "launch/local.sh", "2", *BASE, *overrides,
-                      "--config.train.num_steps=3", f"--workdir={workdir}"],
-                     cwd=ROOT, env=_env(PYTHON=sys.executable), capture_output=True, text=True,
-                     timeout=600)
-  assert p.returncode == 0, p.stderr[-3000:]
-  log0 = open(os.path.join(workdir, "process_0.log")).read()
-  assert "2 process(es)" in log0 and "'data': 2" in log0
-  # The CLI's end-of-run report: measured by both processes, written once by process 0.
-  with open(os.path.join(workdir, "report.md")) as f:
-    assert f.read().startswith("# Training report (tiny)")
-  assert os.path.getsize(os.path.join(workdir, "loss_curves.png")) > 0
-  assert "validation" in json.load(open(os.path.join(workdir, "report.json")))
-  p = run_train(workdir, overrides, "--config.train.num_steps=4")
-  assert "resumed from step 3" in p.stdout
-  assert max(losses(workdir)) == 4
-
-
 def test_file_url_workdir_is_the_local_folder(smoke_corpus, tmp_path):
   """--workdir=file:///abs/run: orbax, TensorBoard, metrics and config all land in /abs/run,
   and no `file:` folder appears where the trainer runs (tests/test_paths.py: gs://)."""
@@ -256,31 +220,56 @@ def _finish_two(workdir, procs, timeout=180) -> list[str]:
   return logs
 
 
-@pytest.mark.parametrize("why", ["sigterm_to_one_process", "time_budget"])
-def test_two_processes_stop_at_the_same_step(smoke_corpus, tmp_path, why):
-  """SIGTERM to process 1 only, or a budget on each process's own clock: both processes
-  stop after the same step, save it together and exit 0 (none is left in a collective)."""
-  _, overrides = smoke_corpus
-  workdir = str(tmp_path / why)
-  extra = ["--config.train.num_steps=200", "--config.train.checkpoint_every=1000"]
-  if why == "time_budget":
-    extra.append("--config.train.time_budget_s=6")
-  procs = _start_two_processes(workdir, overrides, *extra)
-  if why == "sigterm_to_one_process":
-    metrics = os.path.join(workdir, "metrics.jsonl")
-    wait_for(lambda: os.path.exists(metrics) and max(losses(workdir), default=0) >= 2, 300,
-             "the two processes never reached step 2")
-    procs[1].send_signal(signal.SIGTERM)
-  logs = _finish_two(workdir, procs)
-  pattern = ("SIGTERM received: saved step " if why == "sigterm_to_one_process"
-             else "reached at step ")
+def _same_stop_step(logs, pattern) -> int:
+  """The step both processes' logs name after `pattern`; they must agree."""
   steps = []
   for log in logs:
     assert pattern in log, log[-2000:]
     steps.append(int(log.split(pattern)[1].split()[0].rstrip(";")))
   assert steps[0] == steps[1], steps
   assert 0 < steps[0] < 200
-  assert os.path.isdir(os.path.join(workdir, "checkpoints", str(steps[0])))
+  return steps[0]
+
+
+def test_two_processes_stop_together_on_sigterm_to_one(smoke_corpus, tmp_path):
+  """SIGTERM to process 1 only: both processes stop after the same step, save it together
+  and exit 0 (none is left in a collective). A single process goes through the same
+  handler, so this covers the one-process preemption too."""
+  _, overrides = smoke_corpus
+  workdir = str(tmp_path / "sigterm")
+  procs = _start_two_processes(workdir, overrides, "--config.train.num_steps=200",
+                               "--config.train.checkpoint_every=1000")
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  wait_for(lambda: os.path.exists(metrics) and max(losses(workdir), default=0) >= 2, 300,
+           "the two processes never reached step 2")
+  procs[1].send_signal(signal.SIGTERM)
+  step = _same_stop_step(_finish_two(workdir, procs), "SIGTERM received: saved step ")
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
+
+
+def test_two_processes_stop_on_budget_report_then_one_restores(smoke_corpus, tmp_path):
+  """launch/local.sh 2 with a time budget on each process's own clock: both stop after the
+  same step and save it; the end-of-run report is measured by both and written once by
+  process 0; one process then resumes from that checkpoint."""
+  _, overrides = smoke_corpus
+  workdir = str(tmp_path / "mp")
+  p = subprocess.run(["bash", "launch/local.sh", "2", *BASE, *overrides,
+                      "--config.train.num_steps=200", "--config.train.checkpoint_every=1000",
+                      "--config.train.time_budget_s=6", f"--workdir={workdir}"],
+                     cwd=ROOT, env=_env(PYTHON=sys.executable), capture_output=True, text=True,
+                     timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  logs = [open(os.path.join(workdir, f"process_{i}.log")).read() for i in range(2)]
+  assert "2 process(es)" in logs[0] and "'data': 2" in logs[0]
+  step = _same_stop_step(logs, "reached at step ")
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
+  with open(os.path.join(workdir, "report.md")) as f:
+    assert f.read().startswith("# Training report (tiny)")
+  assert os.path.getsize(os.path.join(workdir, "loss_curves.png")) > 0
+  assert "validation" in json.load(open(os.path.join(workdir, "report.json")))
+  p = run_train(workdir, overrides, f"--config.train.num_steps={step + 1}")
+  assert f"resumed from step {step}" in p.stdout
+  assert max(losses(workdir)) == step + 1
 
 
 ENGINE_SCRIPT = textwrap.dedent("""
