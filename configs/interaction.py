@@ -160,8 +160,15 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
       # Share of the crops of conversations with a fired reminder placed to hold the firing
       # and the model saying it (tml_jax.data.pipeline.MicroTurnExample.crop_start).
       reminder_crop_share=0.5,
+      # Share of the crops of conversations with a delegation placed to hold its DELEGATE
+      # (2 s into the row) or its result's arrival and the answer (same function).
+      delegation_crop_share=0.4,
       loss_weights=mlc.ConfigDict(dict(text=1.0, audio=1.0, balance=0.01, z=1e-3,
                                        background=1.0, speak=1.0,
+                                       # mean CE over the DELEGATE targets of a batch
+                                       # (tml_jax.train.losses.text_terms): each counts
+                                       # ~30x a text target instead of 1x
+                                       delegate=0.05,
                                        # onsets/offsets of the model's speech in the gate
                                        # loss (tml_jax.train.losses.speak_terms)
                                        speak_transition=3.0,

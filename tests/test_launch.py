@@ -398,10 +398,23 @@ def test_gpu_slurm_requeues_on_usr1_and_resumes(smoke_corpus, cluster, tmp_path)
     assert GPU_FLAG in flags and flags[-1] == USER_FLAG, flags
     assert float(e["XLA_PYTHON_CLIENT_MEM_FRACTION"]) > 0
 
-  # The requeued job: the same command resumes from that checkpoint.
-  rc, out = submit(tmp_path / "job2.out", lambda: max_step(workdir) > step)
+  # The requeued job runs the same command again, and is requeued again on the next USR1.
+  # Its trainers are recording stand-ins that wait for the signal: resuming from the
+  # workdir is the trainer's own (tests/test_train.py), and a second real start costs a
+  # minute of the suite.
+  stand_in = tmp_path / "stand-in-trainer"
+  stand_in.write_text(f"#!{shutil.which('bash')}\n"
+                      "trap 'echo stand-in trainer: TERM; exit 0' TERM\n"
+                      "echo \"stand-in trainer: $*\"\nsleep 120 & wait\n")
+  stand_in.chmod(0o755)
+  env["STUB_REAL_PYTHON"] = str(stand_in)
+  job2 = tmp_path / "job2.out"
+  rc, out = submit(job2, lambda: job2.exists() and job2.read_text().count(
+      "stand-in trainer: -m tml_jax.train") == 2)
   assert rc == 0, out[-3000:]
-  assert f"resumed from step {step}" in out, out[-3000:]
+  assert out.count("stand-in trainer: TERM") == 2, out[-3000:]
+  rerun = cluster.calls("trainer-python")[2:]
+  assert len(rerun) == 2 and all(t["argv"] == ["-m", "tml_jax.train", *args] for t in rerun)
   assert [c["argv"] for c in cluster.calls("scontrol")] == [["requeue", "4242"]] * 2
 
 

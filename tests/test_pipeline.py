@@ -135,23 +135,80 @@ def test_other_chunk_lengths_keep_video_on_the_conversation_clock(smoke_corpus, 
     assert note["chunk"] == round(2.0 * 1000 / chunk_ms) and note["time_s"] == 2.0, note
 
 
-def test_reminder_crops_hold_the_firing_and_what_follows(rng):
-  """With reminder_crop_share=1 every crop of a conversation with fired reminders holds one
-  firing at least 2 chunks in and 11 chunks before the row's end; without anchors (or with
-  share 0) crops are uniform, drawn exactly as before."""
+def _holds(start, C, chunks, placement) -> bool:
+  before, after = placement
+  after = min(after, C - before)
+  return any(before <= a - start <= C - after for a in chunks)
+
+
+def _reachable(total, C, chunks, placement) -> bool:
+  before, after = placement
+  after = min(after, C - before)
+  return any(max(0, a - C + after) <= min(total - C, a - before) for a in chunks)
+
+
+def test_anchored_crops_hold_their_anchor(rng):
+  """With reminder_crop_share=1 every crop of a conversation with a reachable firing holds
+  one 2 chunks in and 12 before the row's end; with delegation_crop_share=1 one with a
+  reachable DELEGATE or result holds one of those as PLACEMENT says; shares that sum to 1
+  split the crops; without anchors (or shares 0) crops are uniform, drawn exactly as before."""
   C = 32
-  tf = pipeline.MicroTurnExample(ChunkLayout.from_config(get_config("tiny").layout), C,
-                                 reminder_crop_share=1.0)
-  plain = pipeline.MicroTurnExample(ChunkLayout.from_config(get_config("tiny").layout), C)
-  for _ in range(200):
+  lay = ChunkLayout.from_config(get_config("tiny").layout)
+  make = lambda **kw: pipeline.MicroTurnExample(lay, C, **kw)
+  rem, dele, both, plain = (make(reminder_crop_share=1.0), make(delegation_crop_share=1.0),
+                            make(reminder_crop_share=0.5, delegation_crop_share=0.5), make())
+  P = pipeline.MicroTurnExample.PLACEMENT
+  kinds_seen = {"reminder": 0, "delegation": 0}
+  for _ in range(300):
     total = int(rng.integers(C + 1, 400))
-    anchors = sorted(int(a) for a in rng.integers(0, total, size=int(rng.integers(1, 4))))
-    start = tf.crop_start(total, anchors, np.random.default_rng(int(rng.integers(1 << 30))))
-    assert 0 <= start <= total - C
-    reachable = any(max(0, a - C + 12) <= min(total - C, a - 2) for a in anchors)
-    if reachable:
-      assert any(2 <= a - start <= C - 12 for a in anchors), (total, anchors, start)
+    anchors = {k: sorted(int(a) for a in rng.integers(0, total, size=int(rng.integers(0, 3))))
+               for k in ("reminder", "delegate", "result")}
+    draw = lambda tf, a=anchors: tf.crop_start(total, a,
+                                               np.random.default_rng(int(rng.integers(1 << 30))))
+    for tf in (rem, dele, both, plain):
+      assert 0 <= draw(tf) <= total - C
+    if _reachable(total, C, anchors["reminder"], P["reminder"]):
+      assert _holds(draw(rem), C, anchors["reminder"], P["reminder"]), (total, anchors)
+    deleg = [(anchors[k], P[k]) for k in ("delegate", "result")]
+    if any(_reachable(total, C, a, p) for a, p in deleg):
+      start = draw(dele)
+      assert any(_holds(start, C, a, p) for a, p in deleg), (total, anchors, start)
+    if (_reachable(total, C, anchors["reminder"], P["reminder"])
+        and any(_reachable(total, C, a, p) for a, p in deleg)):
+      start = draw(both)
+      r = _holds(start, C, anchors["reminder"], P["reminder"])
+      d = any(_holds(start, C, a, p) for a, p in deleg)
+      assert r or d, (total, anchors, start)
+      kinds_seen["reminder"] += r
+      kinds_seen["delegation"] += d
     seed = int(rng.integers(1 << 30))
-    assert (plain.crop_start(total, anchors, np.random.default_rng(seed))
-            == tf.crop_start(total, [], np.random.default_rng(seed))
-            == int(np.random.default_rng(seed).integers(0, total - C + 1)))
+    uniform = int(np.random.default_rng(seed).integers(0, total - C + 1))
+    assert plain.crop_start(total, anchors, np.random.default_rng(seed)) == uniform
+    empty = {k: [] for k in anchors}
+    assert rem.crop_start(total, empty, np.random.default_rng(seed)) == uniform
+  assert min(kinds_seen.values()) > 10, kinds_seen  # both halves of the split are used
+  try:
+    make(reminder_crop_share=0.7, delegation_crop_share=0.4)
+  except ValueError as e:
+    assert "delegation_crop_share=0.4" in str(e)
+  else:
+    raise AssertionError("shares summing past 1 were accepted")
+
+
+def test_delegation_anchors_are_the_delegate_target_and_the_result():
+  """On generated conversations: the `delegate` anchors are the chunks whose text targets
+  hold DELEGATE, the `result` anchors the chunks where the results arrive as TEXT_IN."""
+  from tml_jax.data.conversation import featurise
+  from tml_jax.data.scenarios import generate
+  config = get_config("tiny")
+  tf = pipeline.MicroTurnExample(ChunkLayout.from_config(config.layout), 10_000,
+                                 random_crop=False)
+  for scenario, index in (("delegation", 3), ("reminder", 5)):
+    record = featurise(generate("train", index, duration_s=16.0, scenario=scenario))
+    s = tf.streams(record)
+    a = s["_anchors"]
+    assert a["delegate"], f"a {scenario} conversation without a DELEGATE target"
+    assert a["delegate"] == sorted(
+        {int(c) for c in np.nonzero(s["model_text_target"] == tok.DELEGATE)[0]})
+    arrivals = {int(np.floor(float(t) / 0.2 + 1e-9)) for t in record["text_in_s"]}
+    assert a["result"] and set(a["result"]) <= arrivals

@@ -8,6 +8,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 from conftest import JIT_CACHE_ENV
 
@@ -452,3 +453,50 @@ def test_schedule_is_optax_and_a_run_time_input(rng):
       texts.append(setup._train_step_jit.lower(setup.abstract_state, batch, jax.random.key(0),
                                                setup.schedule_numbers).as_text())
   assert texts[0] == texts[1]
+
+
+def test_delegate_terms_count_only_delegate_targets(rng):
+  """The `delegate` term is the mean CE over DELEGATE targets alone; delegate_acc and
+  delegate_false are greedy emissions at and away from them; validation averages the
+  per-target metrics by their targets, and leaves them out when a split has none."""
+  import jax.numpy as jnp
+  from tml_jax.text import tokenizer as tok
+  from tml_jax.train import loop
+  from tml_jax.train.losses import cross_entropy, text_terms
+  B, C, T, V = 2, 5, 4, tok.VOCAB_SIZE
+  logits = rng.normal(size=(B, C, T, V)).astype(np.float32)
+  target = rng.integers(0, 256, size=(B, C, T))
+  target[..., -1] = tok.PAD
+  target[0, 1, 0], target[1, 3, 2] = tok.DELEGATE, tok.DELEGATE
+  logits[0, 1, 0, tok.DELEGATE] = 50.0  # emitted where it should be
+  logits[1, 4, 1, tok.DELEGATE] = 50.0  # and once where it should not
+  valid = np.ones((B, C), bool)
+  m = {k: float(v) for k, v in text_terms(jnp.asarray(logits), jnp.asarray(target),
+                                          jnp.asarray(valid)).items()}
+  ce = np.asarray(cross_entropy(jnp.asarray(logits), jnp.asarray(target)))
+  np.testing.assert_allclose(m["delegate"], (ce[0, 1, 0] + ce[1, 3, 2]) / 2, rtol=1e-5)
+  assert m["delegate_targets"] == 2 and m["delegate_acc"] == 0.5
+  np.testing.assert_allclose(m["delegate_false"], 1 / (B * C * (T - 1) - 2))
+  none = target.copy()
+  none[none == tok.DELEGATE] = 7
+  m0 = text_terms(jnp.asarray(logits), jnp.asarray(none), jnp.asarray(valid))
+  assert float(m0["delegate"]) == 0 and float(m0["delegate_targets"]) == 0
+
+  class FakeSetup:  # evaluate() over three batches: 2, 0 and 1 DELEGATE targets
+    batch_sharding = None
+    batches = [dict(delegate=1.0, delegate_targets=2.0, delegate_acc=1.0, text=2.0),
+               dict(delegate=0.0, delegate_targets=0.0, delegate_acc=0.0, text=4.0),
+               dict(delegate=4.0, delegate_targets=1.0, delegate_acc=0.0, text=6.0)]
+
+    def eval_step(self, state, batch, key):
+      return self.batches[batch]
+
+  import itertools
+  from unittest import mock
+  with mock.patch.object(loop.shd, "to_global", lambda b, s: b):
+    val = loop.evaluate(FakeSetup(), None, lambda: itertools.count(), 3)
+    np.testing.assert_allclose([val["delegate"], val["delegate_acc"], val["text"]],
+                               [(2 * 1 + 4) / 3, 2 / 3, 4.0])
+    FakeSetup.batches = [dict(b, delegate_targets=0.0) for b in FakeSetup.batches]
+    val = loop.evaluate(FakeSetup(), None, lambda: itertools.count(), 3)
+    assert "delegate" not in val and "delegate_acc" not in val and val["text"] == 4.0

@@ -39,7 +39,7 @@ class MicroTurnExample(grain.transforms.RandomMap):
   def __init__(self, layout: ChunkLayout, num_chunks: int, *, chunk_ms: int = 200,
                video_size=(80, 80), patch: int = 40, random_crop: bool = True,
                bg_delegations: int = 0, bg_len: int = 96, reply_window_targets: bool = False,
-               reminder_crop_share: float = 0.0):
+               reminder_crop_share: float = 0.0, delegation_crop_share: float = 0.0):
     self.layout, self.num_chunks, self.chunk_s = layout, num_chunks, chunk_ms / 1000
     # Background-model targets (tml_jax.data.background_targets): up to `bg_delegations` per crop.
     self.bg_delegations, self.bg_len = bg_delegations, bg_len
@@ -50,6 +50,15 @@ class MicroTurnExample(grain.transforms.RandomMap):
     # the 2.4 s after it are inside the row; the request usually is not (it was learned, with
     # the background model's call, in other crops).
     self.reminder_crop_share = float(reminder_crop_share)
+    # A delegation is rare in uniform crops (about one row in 70 holds a DELEGATE): this
+    # share of the crops of conversations with one holds its DELEGATE 2 s into the row (the
+    # question's end before it), or the result's arrival and the answer after it.
+    self.delegation_crop_share = float(delegation_crop_share)
+    if not (0 <= self.reminder_crop_share and 0 <= self.delegation_crop_share
+            and self.reminder_crop_share + self.delegation_crop_share <= 1):
+      raise ValueError(f"train.reminder_crop_share={reminder_crop_share} and "
+                       f"train.delegation_crop_share={delegation_crop_share}: each must be "
+                       ">= 0 and together <= 1 (they are shares of the crops)")
     self.video_size, self.patch, self.random_crop = tuple(video_size), patch, random_crop
     self.frames = layout.user_audio
 
@@ -105,9 +114,14 @@ class MicroTurnExample(grain.transforms.RandomMap):
     out["speak_now"] = voiced  # what the model is doing in chunk t (onsets: now 0, target 1)
     out["self_speaking"] = voiced  # the model input of the same (ModelConfig.self_speaking)
     out["speak_condition"] = speak_labels.chunk_conditions(record, total, self.chunk_s)
-    out["_anchors"] = [chunk_of(float(e["data"]["due_s"]))
-                       for e in annotated
-                       if e["kind"] == "reminder_due"]
+    # Chunks that crops may be placed around (crop_start): reminder firings; a delegation's
+    # DELEGATE (where it landed in the targets) and its result's arrival.
+    out["_anchors"] = dict(
+        reminder=[chunk_of(float(e["data"]["due_s"])) for e in annotated
+                  if e["kind"] == "reminder_due"],
+        delegate=[int(c) for c in np.nonzero(target == tok.DELEGATE)[0]],
+        result=[chunk_of(float(e["data"]["arrival_s"])) for e in annotated
+                if e["kind"] == "delegation"])
 
     events = json.loads(_text(record["video_events_json"]))
     if lay.video:
@@ -144,18 +158,36 @@ class MicroTurnExample(grain.transforms.RandomMap):
           c - start, inp, tgt, mask)
     return ex
 
-  def crop_start(self, total: int, anchors: list[int], rng: np.random.Generator) -> int:
-    """The first chunk of the row: uniform, or (reminder_crop_share of the time, when the
-    conversation has fired reminders) with a firing 2 chunks to 12 chunks before the end."""
+  # Where a crop places each kind of anchor: (chunks before it, chunks from it to the end).
+  # A firing or a result is followed by 2.4 s of the model saying it; a DELEGATE has 2 s of
+  # the question's end before it and the acknowledgement after it.
+  PLACEMENT = dict(reminder=(2, 12), result=(2, 12), delegate=(10, 10))
+
+  def crop_start(self, total: int, anchors: dict, rng: np.random.Generator) -> int:
+    """The first chunk of the row: uniform, or placed around an anchor. `anchors` maps a
+    kind (PLACEMENT) to chunks of the whole conversation. reminder_crop_share of the crops
+    of a conversation with a reachable firing hold one; delegation_crop_share of those of
+    a conversation with a reachable DELEGATE or result hold one of those."""
     C = self.num_chunks
     if not (self.random_crop and total > C):
       return 0
-    after = min(12, C - 2)  # 2.4 s of the model saying it
-    spans = [(max(0, a - C + after), min(total - C, a - 2)) for a in anchors]
-    spans = [(lo, hi) for lo, hi in spans if lo <= hi]
-    if spans and self.reminder_crop_share > 0 and rng.random() < self.reminder_crop_share:
-      lo, hi = spans[int(rng.integers(len(spans)))]
-      return int(rng.integers(lo, hi + 1))
+    spans = {}
+    for kind, chunks in anchors.items():
+      before, after = self.PLACEMENT[kind]
+      after = min(after, C - before)
+      s = [(max(0, a - C + after), min(total - C, a - before)) for a in chunks]
+      spans[kind] = [(lo, hi) for lo, hi in s if lo <= hi]
+    groups = [(self.reminder_crop_share, spans.get("reminder", [])),
+              (self.delegation_crop_share,
+               spans.get("delegate", []) + spans.get("result", []))]
+    groups = [(share, s) for share, s in groups if share > 0 and s]
+    if groups:  # no draw otherwise: crops without anchors are drawn exactly as uniform ones
+      u, edge = rng.random(), 0.0
+      for share, s in groups:
+        edge += share
+        if u < edge:
+          lo, hi = s[int(rng.integers(len(s)))]
+          return int(rng.integers(lo, hi + 1))
     return int(rng.integers(0, total - C + 1))
 
   def random_map(self, record, rng: np.random.Generator) -> dict:
@@ -213,7 +245,9 @@ def make_loader(source, config, *, split: str, seed: int, batch_size: int | None
                           reply_window_targets=bool(
                               config.train.get("speak_reply_window", False)),
                           reminder_crop_share=float(
-                              config.train.get("reminder_crop_share", 0.0))),
+                              config.train.get("reminder_crop_share", 0.0)),
+                          delegation_crop_share=float(
+                              config.train.get("delegation_crop_share", 0.0))),
          grain.transforms.Batch(batch_size // jax.process_count(), drop_remainder=True)]
   return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
                           worker_count=worker_count)

@@ -33,7 +33,7 @@ from tml_jax.text import tokenizer as tok
 from tml_jax.train import report as report_lib
 from tml_jax.train import sharding as shd
 from tml_jax.train.checkpoint import Checkpointer
-from tml_jax.train.losses import audio_weight
+from tml_jax.train.losses import PER_TARGET, audio_weight
 from tml_jax.train.state import Setup
 
 
@@ -128,13 +128,16 @@ class MetricsLog:
 def evaluate(setup: Setup, state, make_val, num_batches: int) -> dict:
   """Means over `num_batches` validation batches of every eval_step metric."""
   it = iter(make_val())
-  sums = {}
+  sums, counts = {}, {}
   for i in range(num_batches):
-    m = setup.eval_step(state, shd.to_global(next(it), setup.batch_sharding),
-                        jax.random.key(i))
+    m = {k: float(v) for k, v in setup.eval_step(
+        state, shd.to_global(next(it), setup.batch_sharding), jax.random.key(i)).items()}
     for k, v in m.items():
-      sums[k] = sums.get(k, 0.0) + float(v)
-  return {k: v / num_batches for k, v in sums.items()}
+      w = m.get(PER_TARGET.get(k), 1.0)
+      sums[k] = sums.get(k, 0.0) + w * v
+      counts[k] = counts.get(k, 0.0) + w
+  # A per-target metric with no target in any batch is unmeasured, not 0: left out.
+  return {k: v / counts[k] for k, v in sums.items() if counts[k]}
 
 
 def baselines(make_val, num_batches: int, speech_only: bool = False) -> dict:

@@ -24,7 +24,10 @@ from tml_jax.microturn import Segment, TokenMeta, context_mask
 from tml_jax.model.flow import denormalize_mel, normalize_mel
 from tml_jax.text import tokenizer as tok
 
-TERMS = ("text", "audio", "balance", "z", "background", "speak")
+TERMS = ("text", "audio", "balance", "z", "background", "speak", "delegate")
+# Metrics that are means over a batch's few targets of one kind: averaged over batches, each
+# batch counts by its number of those targets (tml_jax.train.loop.evaluate).
+PER_TARGET = {"delegate": "delegate_targets", "delegate_acc": "delegate_targets"}
 
 
 def cross_entropy(logits_NV, labels_N):
@@ -41,8 +44,20 @@ def text_terms(logits_BCTV, target_BCT, chunk_valid_BC):
   correct = (jnp.argmax(logits_BCTV, -1) == target_BCT) & mask
   # Speech text alone (bytes): EOT dominates the targets and hides what the model learnt.
   is_byte = mask & (target_BCT < 256)
+  # DELEGATE is about one text target in 2000: the `delegate` term is the mean CE over its
+  # targets alone (0 in a batch without one), so its weight says what one delegation is
+  # worth. delegate_acc / delegate_false: greedy decoding (the engine's) emits it where it
+  # should / where it should not.
+  is_del = mask & (target_BCT == tok.DELEGATE)
+  n_del = jnp.sum(is_del)
+  argmax_del = jnp.argmax(logits_BCTV, -1) == tok.DELEGATE
+  others = mask & ~is_del
   return dict(text=jnp.sum(ce * mask) / n, text_acc=jnp.sum(correct) / n,
-              text_byte_acc=jnp.sum(correct & is_byte) / jnp.maximum(jnp.sum(is_byte), 1))
+              text_byte_acc=jnp.sum(correct & is_byte) / jnp.maximum(jnp.sum(is_byte), 1),
+              delegate=jnp.sum(ce * is_del) / jnp.maximum(n_del, 1),
+              delegate_targets=n_del.astype(jnp.float32),
+              delegate_acc=jnp.sum(argmax_del & is_del) / jnp.maximum(n_del, 1),
+              delegate_false=jnp.sum(argmax_del & others) / jnp.maximum(jnp.sum(others), 1))
 
 
 def flow_matching_loss(flow, cond_ND, x1_NM, rng, weight_N=None):

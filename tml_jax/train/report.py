@@ -8,10 +8,12 @@ curves of W/metrics.jsonl. It runs nothing on a device and imports no trainer co
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from tml_jax import paths
 from tml_jax import probe as probe_lib
+from tml_jax.text import tokenizer as tok
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -58,9 +60,22 @@ def markdown(variant: str, step: int, val: dict, base: dict, first: dict,
       f"{base['audio_l1_silence']:.3f} (silence) |",
       f"| flow-matching loss | {val['audio']:.3f} | {first.get('audio', float('nan')):.3f} "
       "(first logged train step) |",
-      f"| MoE balance loss | {val['balance']:.3f} | 1.0 = perfectly uniform |", "",
+      f"| MoE balance loss | {val['balance']:.3f} | 1.0 = perfectly uniform |",
+      *_delegate_rows(val), "",
       "Decoded text (teacher-forced, greedy) on a validation conversation:", "", "```",
       *samples, "```", ""]
+
+
+def _delegate_rows(val: dict) -> list[str]:
+  """DELEGATE, teacher-forced: how often greedy decoding (the engine's) emits it where the
+  corpus does and where it does not (tml_jax.train.losses.text_terms)."""
+  if "delegate_acc" not in val:
+    return ["| DELEGATE emitted at its targets | no DELEGATE in these validation batches | – |"]
+  return [f"| DELEGATE emitted at its targets (greedy) | {val['delegate_acc']:.3f} | 0 |",
+          f"| DELEGATE cross-entropy at its targets | {val['delegate']:.3f} | "
+          f"{math.log(tok.VOCAB_SIZE):.3f} (uniform) |",
+          f"| DELEGATE emitted at other text targets (share) | {val['delegate_false']:.5f} "
+          "| 0 |"]
 
 
 def probe_markdown(probes: dict, png: str | None) -> list[str]:
