@@ -82,6 +82,35 @@ def test_context_mask_is_the_delegating_chunks_view():
   assert not m[0, 1].any()
 
 
+@pytest.mark.parametrize("history", [0, 5])
+def test_background_reads_pooled_history_beyond_the_window(rng, history):
+  """The background loss depends on the row's hidden states of chunks in the window (and
+  the prefix) and, with history_chunks=H, on the observation tokens of chunks
+  c-H < k <= c-W through their pooled vectors, and on nothing older."""
+  from tml_jax.microturn import Segment, TokenMeta, pooled_tokens
+  from tml_jax.train.losses import background_loss
+  config = get_config("tiny,smoke")
+  config.model.update(dict(num_layers=1, ffn="dense", dense_hidden=64))
+  config.layout.update(dict(video_slots=0, window=3, prefix_slots=2))
+  config.background.history_chunks = history
+  cfg = ModelConfig.from_config(config)
+  model = InteractionModel(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  C, c = 10, 9
+  b = _bg_batch(cfg.layout, rng, B=1, C=C, N=2, T=config.background.max_len)
+  b["bg_chunk"] = np.array([[c, -1]], np.int32)
+  meta = TokenMeta(*(jnp.asarray(f) for f in b["meta"]))
+  hidden = model(b).hidden
+  grad = jax.grad(lambda h: background_loss(model.background, h, meta, b, cfg.window, C)[0])(
+      hidden)
+  touched = np.abs(np.asarray(grad[0])).sum(-1) > 0
+  chunk, seg = np.asarray(meta.chunk[0]), np.asarray(meta.segment[0])
+  prefix = seg == int(Segment.PREFIX)
+  window = (chunk <= c) & (c - chunk < cfg.window) & ~prefix
+  beyond = np.asarray(pooled_tokens(meta)[0]) & (c - chunk >= cfg.window) & (c - chunk < history)
+  np.testing.assert_array_equal(touched, prefix | window | beyond)
+  assert beyond.any() == (history > 0)
+
+
 def test_target_sequence_learns_call_and_answer_not_the_result():
   inp, target, mask = target_sequence("calculator", "What is 3 times 4?", "3 * 4 = 12", 64)
   dec = tok.ByteTokenizer().decode

@@ -17,6 +17,8 @@ from flax import nnx
 from configs.interaction import get_config
 from tml_jax.audio import io
 from tml_jax.batch import random_batch
+from tml_jax.microturn import TokenMeta
+from tml_jax.model.background import pool_history
 from tml_jax.model.transformer import InteractionModel, ModelConfig
 from tml_jax.serve import Engine, StreamingModel, load_input, serving_config
 from tml_jax.text import tokenizer as tok
@@ -56,13 +58,14 @@ def _obs(b, t):
 
 
 def test_incremental_matches_full_forward(ring_model, rng):
-  """Teacher-forced engine steps reproduce InteractionModel(batch): text logits and the
-  MODEL_AUDIO hidden states, on a sequence of 8 chunks through a 3-chunk ring (it wraps)."""
+  """Teacher-forced engine steps reproduce InteractionModel(batch): text logits, the
+  MODEL_AUDIO hidden states and the background model's pooled history vectors, on a sequence of 8 chunks through a 3-chunk ring (it wraps)."""
   model, sm = ring_model
   lay, C = model.cfg.layout, 8
   b = random_batch(lay, batch=1, num_chunks=C, seed=int(rng.integers(1 << 30)))
   b["model_text_in"][0, :, 1:] = rng.integers(0, tok.VOCAB_SIZE, (C, lay.model_text - 1))
   full = jax.jit(lambda batch: model(batch))(b)
+  pooled, _ = pool_history(full.hidden, TokenMeta(*(jnp.asarray(f) for f in b["meta"])), C)
   sm.reset()
   for t in range(C):
     out = sm.step(_obs(b, t), forced_T=b["model_text_in"][0, t])
@@ -72,8 +75,32 @@ def test_incremental_matches_full_forward(ring_model, rng):
                                err_msg=f"audio conditioning of chunk {t}")
     np.testing.assert_allclose(out["p_speak"], jax.nn.sigmoid(full.speak_logits[0, t]),
                                atol=2e-5, err_msg=f"speak gate of chunk {t}")
+    np.testing.assert_allclose(out["pooled"], pooled[0, t], atol=2e-4, rtol=1e-4,
+                               err_msg=f"background history vector of chunk {t}")
   # The check can fail: a wrong window (stale ring entries visible) breaks it.
   assert C > model.cfg.window + 2
+
+
+def test_history_ring_keeps_the_last_chunks_at_fixed_memory(ring_model, rng):
+  """The engine's pooled history is a ring of `history_chunks` vectors: after more chunks
+  than that it holds exactly the latest ones (the vectors the steps returned), and its size
+  never changes."""
+  model, sm = ring_model
+  H, C = 4, 7
+  sm.history_chunks = H
+  try:
+    sm.reset()
+    size = sm.history_nbytes()
+    b = random_batch(model.cfg.layout, batch=1, num_chunks=C, seed=int(rng.integers(1 << 30)))
+    outs = [np.asarray(sm.step(_obs(b, t))["pooled"]) for t in range(C)]
+    _, _, hist, hist_chunk = sm.context()
+    order = np.argsort(np.asarray(hist_chunk[0]))
+    assert np.asarray(hist_chunk[0])[order].tolist() == list(range(C - H, C))
+    np.testing.assert_array_equal(np.asarray(hist[0])[order], np.stack(outs[C - H:]))
+    assert sm.history_nbytes() == size == H * (model.cfg.d_model * 4 + 4)
+  finally:
+    sm.history_chunks = 0
+    sm.reset()
 
 
 def test_scan_layers_is_the_same_model(ring_model, rng):

@@ -173,13 +173,19 @@ def test_jit_matches_eager_and_bf16_runs(rng):
   eager = model(batch)
   jitted = nnx.jit(lambda m, b: m(b))(model, batch)
   np.testing.assert_allclose(eager.text_logits, jitted.text_logits, rtol=1e-4, atol=1e-4)
+  # bf16 numerics, on the dense FFN: with MoE, bf16 rounding flips a near-tied top-k choice
+  # for some random batches, and one rerouted token moves the logits by ~5 % on its own
+  # (0.004 typical, 0.03-0.06 with a flip; measured over seeds).
+  config.model.ffn = "dense"
+  cfg32, model32 = build(config)
   config.model.dtype = "bfloat16"
   cfg16 = ModelConfig.from_config(config)
   model16 = InteractionModel(cfg16, rngs=nnx.Rngs(0))
-  out16 = nnx.jit(lambda m, b: m(b))(model16, batch)
+  f = nnx.jit(lambda m, b: m(b))
+  out32, out16 = f(model32, batch), f(model16, batch)
   assert out16.hidden.dtype == jnp.bfloat16
-  rel = jnp.linalg.norm(out16.text_logits - eager.text_logits) / jnp.linalg.norm(eager.text_logits)
-  assert float(rel) < 5e-2, float(rel)
+  rel = jnp.linalg.norm(out16.text_logits - out32.text_logits) / jnp.linalg.norm(out32.text_logits)
+  assert float(rel) < 2e-2, float(rel)
 
 
 @pytest.mark.parametrize("field,value,match", [

@@ -107,6 +107,16 @@ def validate(config, num_devices: int | None = None) -> None:
     if expert_axis > 0 and m.num_experts % expert_axis:
       _fail("model.num_experts", m.num_experts, f"not divisible by the expert mesh axis "
             f"({expert_axis})", "make num_experts a multiple of mesh.expert")
+  b = config.get("background")
+  if b is not None and b.get("enabled", False):
+    h = b.get("history_chunks", 0)
+    if not isinstance(h, int) or h < 0:
+      _fail("background.history_chunks", h, "the history horizon counts chunks",
+            "use 0 (no history beyond the window) or a number of chunks, e.g. 1500 = 5 min")
+    if h and lay.window is not None and h <= lay.window:
+      _fail("background.history_chunks", h, f"does not reach beyond the window "
+            f"({lay.window} chunks), which the background model already reads",
+            f"use 0 or more than {lay.window}")
   if m.attention_backend not in ("reference", "pallas"):
     _fail("model.attention_backend", m.attention_backend, "unknown attention backend",
           "use 'reference' or 'pallas'")

@@ -294,6 +294,25 @@ def context_mask(meta: TokenMeta, chunk_BN, window: int | None):
   return seen & jnp.asarray(meta.valid)[:, None, :] & (c >= 0)
 
 
+def pooled_tokens(meta: TokenMeta):
+  """`[B, L]` bool: the tokens a chunk's history vector averages (the background model's
+  compact memory of chunks beyond the window): the chunk's valid observations (user and
+  self audio, video, TEXT_IN; the prefix is always in view and is not pooled)."""
+  seg = jnp.asarray(meta.segment)
+  return (is_observation(seg) & (seg != int(Segment.PREFIX))) & jnp.asarray(meta.valid)
+
+
+def history_mask(chunk_BN, hist_chunk_BH, window: int | None, horizon: int):
+  """`[B, N, H]`: which history vectors (one per chunk, at chunks `hist_chunk_BH`, -1 for an
+  empty slot) a delegation made in chunk c reads: those of chunks c - horizon < k <= c - W,
+  the part of the conversation its window no longer holds. None window or horizon 0: none."""
+  c = jnp.asarray(chunk_BN)[:, :, None]
+  k = jnp.asarray(hist_chunk_BH)[:, None, :]
+  if window is None or horizon <= 0:
+    return jnp.zeros(c.shape[:2] + k.shape[-1:], bool)
+  return (k >= 0) & (c - k >= window) & (c - k < horizon) & (c >= 0)
+
+
 def render_mask_png(meta: TokenMeta, window: int | None, path: str, *, row: int = 0,
                     title: str | None = None) -> str:
   """Draw the mask of one batch row, coloured by the rule that opens each pair."""

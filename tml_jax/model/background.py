@@ -1,7 +1,10 @@
 """BackgroundModel (docs/design.md §5): a small decoder that reads the interaction model's context.
 
 When the interaction model emits DELEGATE in chunk t, the background model gets the final
-hidden states of everything that chunk could see (chunks (t-W, t] and the prefix) and writes
+hidden states of everything that chunk could see (chunks (t-W, t] and the prefix) and, for
+the conversation before that window, a compact history: one vector per chunk, the mean final
+hidden state of the chunk's observation tokens (`pool_history`, `microturn.pooled_tokens`),
+for the last `history_chunks` chunks (the horizon, minutes). It writes
 
     TOOL name:args SEP  RESULT tool output SEP  answer EOT
 
@@ -27,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tml_jax.microturn import TokenMeta, pooled_tokens
 from tml_jax.model.layers import DTYPES, RMSNorm, fan_in_init, param, rope
 from tml_jax.model.moe import DenseFFN, FFNConfig
 from tml_jax.text import tokenizer as tok
@@ -43,6 +47,7 @@ class BackgroundConfig:
   context_dim: int = 256
   vocab_size: int = tok.VOCAB_SIZE
   param_dtype: str = "float32"
+  history_chunks: int = 0  # horizon of the pooled history beyond the window; 0: none
 
   @classmethod
   def from_config(cls, config) -> "BackgroundConfig | None":
@@ -52,7 +57,27 @@ class BackgroundConfig:
     return cls(d_model=b.d_model, num_layers=b.num_layers, num_heads=b.num_heads,
                head_dim=b.head_dim, hidden=b.hidden, max_len=b.max_len,
                context_dim=config.model.d_model, vocab_size=config.model.vocab_size,
-               param_dtype=config.model.param_dtype)
+               param_dtype=config.model.param_dtype,
+               history_chunks=int(b.get("history_chunks", 0)))
+
+
+def pool_chunk(h_BND, meta: TokenMeta):
+  """`[B, D]` float32: the history vector of one chunk's tokens (the streaming engine's)."""
+  w = pooled_tokens(meta).astype(jnp.float32)
+  return (jnp.einsum("bn,bnd->bd", w, h_BND.astype(jnp.float32))
+          / jnp.maximum(w.sum(-1), 1.0)[:, None])
+
+
+def pool_history(h_BLD, meta: TokenMeta, num_chunks: int):
+  """(`[B, C, D]` float32 history vectors of chunks 0..C-1 of a training row, `[B, C]` their
+  chunk index or -1 where the chunk has no observation): `pool_chunk` of each chunk."""
+  w = pooled_tokens(meta).astype(jnp.float32)
+  chunks = jnp.arange(num_chunks)
+  onehot_BLC = (jnp.asarray(meta.chunk)[..., None] == chunks[None, None]) * w[..., None]
+  n_BC = onehot_BLC.sum(1)
+  pooled = (jnp.einsum("blc,bld->bcd", onehot_BLC, h_BLD.astype(jnp.float32))
+            / jnp.maximum(n_BC, 1.0)[..., None])
+  return pooled, jnp.where(n_BC > 0, chunks[None], -1).astype(jnp.int32)
 
 
 def _attend(q_BNTHD, k_BNSHD, v_BNSHD, mask_BNTS):

@@ -29,7 +29,7 @@ from tml_jax.audio.constants import LOG_MIN
 from tml_jax.microturn import CHUNK_SEGMENTS, ChunkLayout, Segment, TokenMeta
 from tml_jax.model import cache as kv_cache
 from tml_jax.model.attention import Attention, AttentionConfig, LayerCache
-from tml_jax.model.background import BackgroundConfig, BackgroundModel
+from tml_jax.model.background import BackgroundConfig, BackgroundModel, pool_chunk
 from tml_jax.model.embed import Embeddings
 from tml_jax.model.flow import FlowConfig, FlowHead, denormalize_mel
 from tml_jax.model.layers import DTYPES, RMSNorm, fan_in_init, param
@@ -303,7 +303,8 @@ class InteractionModel(nnx.Module):
     With the speak gate, P(speak) below `speak_threshold` makes the chunk silent: text EOT
     at slot 0 (then PAD) and the silence floor as mel; the cache still holds the chunk.
     Returns (cache, dict(tokens [To], logits [To, V], audio_cond [A, D], mel [F, 80],
-    p_speak [] (1 without a gate))).
+    p_speak [] (1 without a gate), pooled [D]: the chunk's history vector for the
+    background model, model.background.pool_chunk)).
     """
     lay = self.cfg.layout
     K, P = lay.chunk_len, lay.prefix
@@ -340,7 +341,7 @@ class InteractionModel(nnx.Module):
     mel_FM = denormalize_mel(x).reshape(-1, self.cfg.n_mels)
     mel_FM = jnp.where(p_speak >= speak_threshold, mel_FM, LOG_MIN)
     return cache, dict(tokens=tokens, logits=logits, audio_cond=cond[0], mel=mel_FM,
-                       p_speak=p_speak)
+                       p_speak=p_speak, pooled=pool_chunk(h_obs, q_meta)[0])
 
   def _decode_text(self, cache, meta_K: TokenMeta, base, pos0, forced_T, rng, temperature,
                    speak_threshold, heard_D=None):

@@ -168,7 +168,8 @@ class Session:
                             abandoned_background_job=closed["abandoned"],
                             text_in_dropped_tokens=self.fifo.dropped))
     return dict(records=self.records, events=self.events, num_chunks=C,
-                cache_bytes=self.sm.cache_nbytes(), out_audio=self.sink.chunks,
+                cache_bytes=self.sm.cache_nbytes(), history_bytes=self.sm.history_nbytes(),
+                out_audio=self.sink.chunks,
                 user_rms=self.sink.user_rms, model_rms=self.sink.rms)
 
   def _delegate(self, t: int, *, forced: bool):

@@ -41,6 +41,10 @@ class StreamingModel:
   def __init__(self, model: InteractionModel, *, flow_steps: int,
                speak_threshold: float = 0.5):
     self.cfg = model.cfg
+    # The background model's compact history (model.background.pool_chunk): one vector per
+    # chunk for the last `history_chunks` chunks, a host-side ring of fixed size.
+    bg = getattr(model, "background", None)
+    self.history_chunks = bg.cfg.history_chunks if bg is not None else 0
     if model.cfg.ffn == "moe" and resolve_impl(model.cfg.moe.impl) == "capacity":
       raise ValueError(f"model.moe_impl={model.cfg.moe.impl!r} drops tokens per row, which "
                        "incremental decoding cannot reproduce. Fix: build the model from "
@@ -62,6 +66,9 @@ class StreamingModel:
   def reset(self):
     self.cache = init_cache(self.cfg)
     self.t = 0
+    H = self.history_chunks
+    self.history = np.zeros((H, self.cfg.d_model), np.float32)
+    self.history_chunk = np.full((H,), -1, np.int32)
 
   def fork(self) -> "StreamingModel":
     """Another conversation on the same parameters and compiled step, with its own cache
@@ -86,13 +93,24 @@ class StreamingModel:
                                  jnp.float32(self.speak_threshold if speak_threshold is None
                                              else speak_threshold),
                                  with_prefix=with_prefix)
+    if self.history_chunks:
+      slot = self.t % self.history_chunks
+      self.history[slot] = np.asarray(out["pooled"], np.float32)
+      self.history_chunk[slot] = self.t
     self.t += 1
     return out
 
   def context(self):
-    """(hidden [1, M, D], meta) of the visible context after the last chunk (for the
-    background model). Copies, so the next step's donation does not invalidate them."""
-    return jnp.copy(self.cache.hidden), TokenMeta(*(jnp.copy(f) for f in self.cache.meta))
+    """(hidden [1, M, D], meta, history [1, H, D], history_chunk [1, H]) after the last
+    chunk, for the background model: the visible context and the pooled history (H =
+    history_chunks, possibly 0). Copies, so the next step's donation does not invalidate
+    them."""
+    return (jnp.copy(self.cache.hidden), TokenMeta(*(jnp.copy(f) for f in self.cache.meta)),
+            jnp.asarray(self.history[None]), jnp.asarray(self.history_chunk[None]))
 
   def cache_nbytes(self) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(self.cache))
+
+  def history_nbytes(self) -> int:
+    """Bytes of the pooled history (fixed: the ring holds `history_chunks` vectors)."""
+    return self.history.nbytes + self.history_chunk.nbytes

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tml_jax.microturn import context_mask
+from tml_jax.microturn import context_mask, history_mask
 from tml_jax.model.background import BackgroundModel
 from tml_jax.text import tokenizer as tok
 from tml_jax.tools import ToolBox, ToolError
@@ -38,7 +38,7 @@ class Job:
   id: int
   chunk: int                 # micro-turn that emitted DELEGATE
   submit_s: float            # conversation time of the submission (end of that chunk)
-  context: tuple             # (hidden [1, M, D], TokenMeta [1, M]) from the engine's cache
+  context: tuple             # StreamingModel.context(): hidden, meta, history, history_chunk
   submit_wall: float = 0.0
   done_wall: float | None = None
   answer: str | None = None
@@ -59,10 +59,16 @@ class ModelGenerator:
     self.max_len, self.window = bg.cfg.max_len, window
     self._run = jax.jit(self._decode)
 
-  def _decode(self, state, hidden, meta, chunk, tokens_T, start, stops):
+  def _decode(self, state, hidden, meta, history, history_chunk, chunk, tokens_T, start,
+              stops):
     bg = nnx.merge(self.graphdef, state)
-    kvs = bg.encode_context(hidden)
-    mask = context_mask(meta, jnp.reshape(chunk, (1, 1)), self.window)
+    chunk_BN = jnp.reshape(chunk, (1, 1))
+    ctx, mask = hidden, context_mask(meta, chunk_BN, self.window)
+    if bg.cfg.history_chunks > 0:  # the same context as training (losses.background_context)
+      ctx = jnp.concatenate([ctx.astype(jnp.float32), history.astype(jnp.float32)], axis=1)
+      mask = jnp.concatenate([mask, history_mask(chunk_BN, history_chunk, self.window,
+                                                 bg.cfg.history_chunks)], axis=-1)
+    kvs = bg.encode_context(ctx)
     T = tokens_T.shape[0]
 
     def cond(c):
@@ -79,12 +85,12 @@ class ModelGenerator:
     return tokens, pos
 
   def __call__(self, context, prompt: list[int], stops: tuple[int, ...], chunk: int):
-    hidden, meta = context
+    hidden, meta, history, history_chunk = context
     buf = np.full((self.max_len,), tok.PAD, np.int32)
     n = min(len(prompt), self.max_len)
     buf[:n] = prompt[:n]
-    out, pos = self._run(self.state, hidden, meta, jnp.int32(chunk), jnp.asarray(buf),
-                         jnp.int32(n), jnp.asarray(stops, jnp.int32))
+    out, pos = self._run(self.state, hidden, meta, history, history_chunk, jnp.int32(chunk),
+                         jnp.asarray(buf), jnp.int32(n), jnp.asarray(stops, jnp.int32))
     return np.asarray(out)[n:int(pos)].tolist()
 
 

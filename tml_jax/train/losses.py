@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from tml_jax.data.speak_labels import CONDITIONS
-from tml_jax.microturn import Segment, TokenMeta, context_mask
+from tml_jax.microturn import Segment, TokenMeta, context_mask, history_mask
+from tml_jax.model.background import pool_history
 from tml_jax.model.flow import denormalize_mel, normalize_mel
 from tml_jax.text import tokenizer as tok
 
@@ -128,12 +129,27 @@ def speak_terms(speak_logits_BC, batch, transition_weight: float = 1.0,
               speak_onset_acc=jnp.sum(correct * onset) / jnp.maximum(jnp.sum(onset), 1.0))
 
 
-def background_loss(bg, hidden_BLD, meta: TokenMeta, batch, window):
+def background_context(bg, hidden_BLD, meta: TokenMeta, chunk_BN, window, num_chunks: int):
+  """(context [B, L(+C), D], mask [B, N, L(+C)]) of delegations made in chunks `chunk_BN` of
+  a training row: the window's hidden states, then (history_chunks > 0) the row's pooled
+  history vectors of the chunks before the window."""
+  ctx, mask = hidden_BLD, context_mask(meta, chunk_BN, window)
+  if bg.cfg.history_chunks > 0:
+    hist, hist_chunk = pool_history(hidden_BLD, meta, num_chunks)
+    ctx = jnp.concatenate([ctx.astype(jnp.float32), hist], axis=1)
+    mask = jnp.concatenate(
+        [mask, history_mask(chunk_BN, hist_chunk, window, bg.cfg.history_chunks)], axis=-1)
+  return ctx, mask
+
+
+def background_loss(bg, hidden_BLD, meta: TokenMeta, batch, window, num_chunks: int):
   """Teacher-forced cross-entropy of the background targets over the context each
   delegating chunk could see; (loss, number of target tokens), 0 when the batch has none."""
   tokens, target = jnp.asarray(batch["bg_in"]), jnp.asarray(batch["bg_target"])
   mask = jnp.asarray(batch["bg_mask"]) & (jnp.asarray(batch["bg_chunk"]) >= 0)[..., None]
-  logits = bg(tokens, hidden_BLD, context_mask(meta, batch["bg_chunk"], window))
+  ctx, ctx_mask = background_context(bg, hidden_BLD, meta, jnp.asarray(batch["bg_chunk"]),
+                                     window, num_chunks)
+  logits = bg(tokens, ctx, ctx_mask)
   ce = cross_entropy(logits, target)
   n = jnp.sum(mask).astype(jnp.float32)
   return jnp.sum(ce * mask) / jnp.maximum(n, 1.0), n
@@ -153,7 +169,7 @@ def losses_from_output(model, out, batch, rng, weights) -> tuple[jnp.ndarray, di
   if getattr(model, "background", None) is not None and "bg_chunk" in batch:
     metrics["background"], metrics["background_tokens"] = background_loss(
         model.background, out.hidden, TokenMeta(*(jnp.asarray(f) for f in batch["meta"])),
-        batch, model.cfg.window)
+        batch, model.cfg.window, chunk_valid_BC.shape[1])
   metrics["speak"] = jnp.zeros(())
   if out.speak_logits is not None and "speak_target" in batch:
     metrics.update(speak_terms(out.speak_logits, batch,
