@@ -137,27 +137,26 @@ def test_other_chunk_lengths_keep_video_on_the_conversation_clock(smoke_corpus, 
 
 def _holds(start, C, chunks, placement) -> bool:
   before, after = placement
-  after = min(after, C - before)
   return any(before <= a - start <= C - after for a in chunks)
 
 
 def _reachable(total, C, chunks, placement) -> bool:
   before, after = placement
-  after = min(after, C - before)
   return any(max(0, a - C + after) <= min(total - C, a - before) for a in chunks)
 
 
 def test_anchored_crops_hold_their_anchor(rng):
   """With reminder_crop_share=1 every crop of a conversation with a reachable firing holds
   one 2 chunks in and 12 before the row's end; with delegation_crop_share=1 one with a
-  reachable DELEGATE or result holds one of those as PLACEMENT says; shares that sum to 1
+  reachable DELEGATE (a window in) or result holds one of those as `placement` says; shares that sum to 1
   split the crops; without anchors (or shares 0) crops are uniform, drawn exactly as before."""
   C = 32
   lay = ChunkLayout.from_config(get_config("tiny").layout)
   make = lambda **kw: pipeline.MicroTurnExample(lay, C, **kw)
   rem, dele, both, plain = (make(reminder_crop_share=1.0), make(delegation_crop_share=1.0),
                             make(reminder_crop_share=0.5, delegation_crop_share=0.5), make())
-  P = pipeline.MicroTurnExample.PLACEMENT
+  P = {k: rem.placement(k) for k in ("reminder", "delegate", "result")}
+  assert P["delegate"] == (lay.window, 4) and P["reminder"] == (2, 12)
   kinds_seen = {"reminder": 0, "delegation": 0}
   for _ in range(300):
     total = int(rng.integers(C + 1, 400))
