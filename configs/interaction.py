@@ -187,7 +187,7 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
       enabled=True, d_model=128, num_layers=2, num_heads=4, head_dim=32, hidden=512,
       max_len=128, max_delegations=2, tool_timeout_s=5.0,
       # The conversation before the window, as one pooled vector per chunk (tml_jax.model.
-      # background.pool_history): 1500 chunks = 5 minutes, 1.5 MB per conversation in fp32.
+      # background.pool_history): 1500 chunks = 5 minutes, 1.2 MB per conversation for tiny.
       history_chunks=1500,
       # Serving: outstanding delegations at most (each holds a device copy of the context).
       max_pending=3,
