@@ -88,7 +88,11 @@ GRIDS = {
                   "unbounded": {"layout.window": None}}),
     "smoke": dict(
         base="tiny,smoke", budget_min=2.0, eval_per_task=1, steps=12,
-        variants={"moe": {}, "dense": {"model.ffn": "dense", "model.dense_hidden": 128}}),
+        # The table reads the teacher-forced probe; the free-running one (an engine compile
+        # and a conversation per variant) is tested with the trainer's report elsewhere.
+        variants={"moe": {"train.probe_free_running_conversations": 0},
+                  "dense": {"model.ffn": "dense", "model.dense_hidden": 128,
+                            "train.probe_free_running_conversations": 0}}),
 }
 
 
