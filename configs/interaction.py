@@ -161,7 +161,7 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
       # and the model saying it (tml_jax.data.pipeline.MicroTurnExample.crop_start).
       reminder_crop_share=0.5,
       # Share of the crops of conversations with a delegation placed to hold its DELEGATE
-      # (2 s into the row) or its result's arrival and the answer (same function).
+      # (a window into the row) or its result's arrival and the answer (same function).
       delegation_crop_share=0.4,
       loss_weights=mlc.ConfigDict(dict(text=1.0, audio=1.0, balance=0.01, z=1e-3,
                                        background=1.0, speak=1.0,

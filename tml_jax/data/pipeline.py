@@ -51,8 +51,8 @@ class MicroTurnExample(grain.transforms.RandomMap):
     # the background model's call, in other crops).
     self.reminder_crop_share = float(reminder_crop_share)
     # A delegation is rare in uniform crops (about one row in 70 holds a DELEGATE): this
-    # share of the crops of conversations with one holds its DELEGATE 2 s into the row (the
-    # question's end before it), or the result's arrival and the answer after it.
+    # share of the crops of conversations with one holds its DELEGATE a window into the row
+    # (the question before it), or the result's arrival and the answer after it.
     self.delegation_crop_share = float(delegation_crop_share)
     if not (0 <= self.reminder_crop_share and 0 <= self.delegation_crop_share
             and self.reminder_crop_share + self.delegation_crop_share <= 1):

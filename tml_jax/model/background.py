@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tml_jax.microturn import TokenMeta, pooled_tokens
+from tml_jax.microturn import TokenMeta, context_mask, history_mask, pooled_tokens
 from tml_jax.model.layers import DTYPES, RMSNorm, fan_in_init, param, rope
 from tml_jax.model.moe import DenseFFN, FFNConfig
 from tml_jax.text import tokenizer as tok
@@ -78,6 +78,19 @@ def pool_history(h_BLD, meta: TokenMeta, num_chunks: int):
   pooled = (jnp.einsum("blc,bld->bcd", onehot_BLC, h_BLD.astype(jnp.float32))
             / jnp.maximum(n_BC, 1.0)[..., None])
   return pooled, jnp.where(n_BC > 0, chunks[None], -1).astype(jnp.int32)
+
+
+def read_context(cfg: BackgroundConfig, hidden_BLD, meta: TokenMeta, chunk_BN, window,
+                 history_BHD, history_chunk_BH):
+  """(context [B, L(+H), D], mask [B, N, L(+H)]) that delegations made in chunks `chunk_BN`
+  read, in training and in serving alike: the tokens' hidden states under `context_mask`,
+  then (history_chunks > 0) the history vectors under `history_mask`."""
+  ctx, mask = hidden_BLD, context_mask(meta, chunk_BN, window)
+  if cfg.history_chunks > 0:
+    ctx = jnp.concatenate([ctx.astype(jnp.float32), history_BHD.astype(jnp.float32)], axis=1)
+    mask = jnp.concatenate(
+        [mask, history_mask(chunk_BN, history_chunk_BH, window, cfg.history_chunks)], axis=-1)
+  return ctx, mask
 
 
 def _attend(q_BNTHD, k_BNSHD, v_BNSHD, mask_BNTS):

@@ -25,8 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tml_jax.microturn import context_mask, history_mask
-from tml_jax.model.background import BackgroundModel
+from tml_jax.model.background import BackgroundModel, read_context
 from tml_jax.text import tokenizer as tok
 from tml_jax.tools import ToolBox, ToolError
 
@@ -62,12 +61,8 @@ class ModelGenerator:
   def _decode(self, state, hidden, meta, history, history_chunk, chunk, tokens_T, start,
               stops):
     bg = nnx.merge(self.graphdef, state)
-    chunk_BN = jnp.reshape(chunk, (1, 1))
-    ctx, mask = hidden, context_mask(meta, chunk_BN, self.window)
-    if bg.cfg.history_chunks > 0:  # the same context as training (losses.background_context)
-      ctx = jnp.concatenate([ctx.astype(jnp.float32), history.astype(jnp.float32)], axis=1)
-      mask = jnp.concatenate([mask, history_mask(chunk_BN, history_chunk, self.window,
-                                                 bg.cfg.history_chunks)], axis=-1)
+    ctx, mask = read_context(bg.cfg, hidden, meta, jnp.reshape(chunk, (1, 1)), self.window,
+                             history, history_chunk)
     kvs = bg.encode_context(ctx)
     T = tokens_T.shape[0]
 

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from tml_jax.data.speak_labels import CONDITIONS
-from tml_jax.microturn import Segment, TokenMeta, context_mask, history_mask
-from tml_jax.model.background import pool_history
+from tml_jax.microturn import Segment, TokenMeta
+from tml_jax.model.background import pool_history, read_context
 from tml_jax.model.flow import denormalize_mel, normalize_mel
 from tml_jax.text import tokenizer as tok
 
@@ -42,7 +42,8 @@ def text_terms(logits_BCTV, target_BCT, chunk_valid_BC):
   mask = (target_BCT != tok.PAD) & chunk_valid_BC[..., None]
   ce = cross_entropy(logits_BCTV, target_BCT)
   n = jnp.maximum(jnp.sum(mask), 1)
-  correct = (jnp.argmax(logits_BCTV, -1) == target_BCT) & mask
+  pred_BCT = jnp.argmax(logits_BCTV, -1)
+  correct = (pred_BCT == target_BCT) & mask
   # Speech text alone (bytes): EOT dominates the targets and hides what the model learnt.
   is_byte = mask & (target_BCT < 256)
   # DELEGATE is about one text target in 2000: the `delegate` term is the mean CE over its
@@ -51,7 +52,7 @@ def text_terms(logits_BCTV, target_BCT, chunk_valid_BC):
   # should / where it should not.
   is_del = mask & (target_BCT == tok.DELEGATE)
   n_del = jnp.sum(is_del)
-  argmax_del = jnp.argmax(logits_BCTV, -1) == tok.DELEGATE
+  argmax_del = pred_BCT == tok.DELEGATE
   others = mask & ~is_del
   return dict(text=jnp.sum(ce * mask) / n, text_acc=jnp.sum(correct) / n,
               text_byte_acc=jnp.sum(correct & is_byte) / jnp.maximum(jnp.sum(is_byte), 1),
@@ -129,26 +130,16 @@ def speak_terms(speak_logits_BC, batch, transition_weight: float = 1.0,
               speak_onset_acc=jnp.sum(correct * onset) / jnp.maximum(jnp.sum(onset), 1.0))
 
 
-def background_context(bg, hidden_BLD, meta: TokenMeta, chunk_BN, window, num_chunks: int):
-  """(context [B, L(+C), D], mask [B, N, L(+C)]) of delegations made in chunks `chunk_BN` of
-  a training row: the window's hidden states, then (history_chunks > 0) the row's pooled
-  history vectors of the chunks before the window."""
-  ctx, mask = hidden_BLD, context_mask(meta, chunk_BN, window)
-  if bg.cfg.history_chunks > 0:
-    hist, hist_chunk = pool_history(hidden_BLD, meta, num_chunks)
-    ctx = jnp.concatenate([ctx.astype(jnp.float32), hist], axis=1)
-    mask = jnp.concatenate(
-        [mask, history_mask(chunk_BN, hist_chunk, window, bg.cfg.history_chunks)], axis=-1)
-  return ctx, mask
-
-
 def background_loss(bg, hidden_BLD, meta: TokenMeta, batch, window, num_chunks: int):
   """Teacher-forced cross-entropy of the background targets over the context each
-  delegating chunk could see; (loss, number of target tokens), 0 when the batch has none."""
+  delegating chunk could see (with history_chunks > 0, the row's pooled history of the
+  chunks before its window too); (loss, number of target tokens), 0 when the batch has none."""
   tokens, target = jnp.asarray(batch["bg_in"]), jnp.asarray(batch["bg_target"])
   mask = jnp.asarray(batch["bg_mask"]) & (jnp.asarray(batch["bg_chunk"]) >= 0)[..., None]
-  ctx, ctx_mask = background_context(bg, hidden_BLD, meta, jnp.asarray(batch["bg_chunk"]),
-                                     window, num_chunks)
+  hist, hist_chunk = (pool_history(hidden_BLD, meta, num_chunks)
+                      if bg.cfg.history_chunks > 0 else (None, None))
+  ctx, ctx_mask = read_context(bg.cfg, hidden_BLD, meta, jnp.asarray(batch["bg_chunk"]),
+                               window, hist, hist_chunk)
   logits = bg(tokens, ctx, ctx_mask)
   ce = cross_entropy(logits, target)
   n = jnp.sum(mask).astype(jnp.float32)
