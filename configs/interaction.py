@@ -163,6 +163,10 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
       # Share of the crops of conversations with a delegation placed to hold its DELEGATE
       # (a window into the row) or its result's arrival and the answer (same function).
       delegation_crop_share=0.4,
+      # The serving DELEGATE threshold (serve.delegate_threshold="auto") is the lowest at
+      # which at most this share of the validation chunks without a DELEGATE target would
+      # emit one (tml_jax.probe.calibrate_delegate_threshold): 0.002, one per 100 s.
+      delegate_max_false=0.002,
       loss_weights=mlc.ConfigDict(dict(text=1.0, audio=1.0, balance=0.01, z=1e-3,
                                        background=1.0, speak=1.0,
                                        # mean CE over the DELEGATE targets of a batch
@@ -200,6 +204,10 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
       # Once speaking, the gate keeps the voice on while P(speak) stays above this (a
       # hysteresis, as voice-activity detectors use). "auto": min(0.5, speak_threshold).
       speak_keep_threshold="auto",
+      # A text slot whose P(DELEGATE) reaches it emits DELEGATE (tml_jax.model.transformer
+      # _decode_text). "auto": the threshold the trainer calibrated on validation
+      # (W/delegate_threshold.json, train.delegate_max_false), else 1 (plain decoding).
+      delegate_threshold="auto",
       # Live input: a chunk arriving up to this late is still used (else it is silence).
       jitter_buffer_ms=100,
       # TEXT_IN queue bound in tokens; past it the oldest are dropped (and reported).

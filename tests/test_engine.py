@@ -237,6 +237,43 @@ def test_offline_outputs_aligned(engine, rng, tmp_path):
   assert max(r.compute_ms for r in res["records"]) < 1500, [r.compute_ms for r in res["records"]]
 
 
+def test_delegate_threshold_rule(ring_model, rng):
+  """Free-running decode with a DELEGATE threshold: each slot emits DELEGATE when its
+  P(DELEGATE) reaches the threshold and none was emitted yet in the chunk, else its argmax;
+  after EOT the slots are PAD. Checked slot by slot against the step's own logits."""
+  model, sm = ring_model
+  lay, C = model.cfg.layout, 6
+  b = random_batch(lay, batch=1, num_chunks=C, seed=int(rng.integers(1 << 30)))
+  p_del = lambda lg: np.asarray(jax.nn.softmax(jnp.asarray(lg, jnp.float32)))[..., tok.DELEGATE]
+  sm.reset()
+  first = np.concatenate([p_del(sm.step(_obs(b, t), speak_threshold=0.0)["logits"])
+                          for t in range(C)])
+  sm.reset()
+  sm.delegate_threshold = float(np.quantile(first, 0.6))
+  emitted = 0
+  try:
+    for t in range(C):
+      out = sm.step(_obs(b, t), speak_threshold=0.0)
+      tokens, logits = np.asarray(out["tokens"]), np.asarray(out["logits"])
+      done = delegated = False
+      for j in range(lay.model_text):
+        pd = p_del(logits[j])
+        if done:
+          assert tokens[j] == tok.PAD
+          continue
+        if abs(pd - sm.delegate_threshold) < 1e-6 * sm.delegate_threshold:
+          break  # too close to call in float32
+        want = tok.DELEGATE if pd >= sm.delegate_threshold and not delegated else int(
+            np.argmax(logits[j]))
+        assert tokens[j] == want, (t, j, pd, sm.delegate_threshold)
+        done, delegated = want == tok.EOT, delegated or want == tok.DELEGATE
+      emitted += int((tokens == tok.DELEGATE).sum())
+      assert (tokens == tok.DELEGATE).sum() <= 1
+  finally:
+    sm.delegate_threshold = 1.0
+  assert emitted > 0  # the rule did something on these inputs
+
+
 def test_speak_gate_hysteresis(engine, rng, tmp_path):
   """Speech starts when P(speak) reaches the start threshold and, once on, goes on while it
   stays above the lower keep threshold: every chunk's voice follows that rule exactly."""

@@ -87,8 +87,11 @@ def test_run_files_go_to_the_bucket(fake_bucket):
   for step in (1, 2):  # the store has no append: the log is rewritten, nothing lost
     paths.append_line(paths.join(w, "metrics.jsonl"), json.dumps(dict(step=step, text=1.0 / step)))
   assert [r["step"] for r in report_lib.read_metrics(w)] == [1, 2]
-  loop.write_speak_threshold(w, 5, dict(threshold=0.7, onset_recall=1.0, false_onset_rate=0.0))
-  assert calibrated_threshold(w) == 0.7
+  assert calibrated_threshold(w, "delegate") == 1.0  # none calibrated: plain decoding
+  loop.write_threshold(w, "speak", 5, dict(threshold=0.7, onset_recall=1.0,
+                                           false_onset_rate=0.0))
+  loop.write_threshold(w, "delegate", 5, dict(threshold=0.04, recall=0.5, false_rate=0.0))
+  assert calibrated_threshold(w) == 0.7 and calibrated_threshold(w, "delegate") == 0.04
   val = dict(text=0.5, text_acc=0.4, text_byte_acc=0.3, audio_l1=0.6, audio=0.2, balance=1.0)
   base = dict(text_unigram_ce=2.0, text_majority_acc=0.1, audio_l1_channel_median=1.5,
               audio_l1_silence=1.6)

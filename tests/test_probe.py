@@ -85,6 +85,35 @@ def test_calibrated_threshold_bounds_false_onsets(rng):
   assert 0.3 < c["threshold"] < 0.36
 
 
+def test_delegate_threshold_bounds_false_delegations(rng):
+  """A chunk counts by its most likely scored slot: the threshold lets at most max_false of
+  the chunks without a DELEGATE target emit one, is the lowest that does, and PAD slots
+  (unscored) never count however likely they make DELEGATE."""
+  from tml_jax.text import tokenizer as tok
+  B, C, T = 20, 40, 8
+  target = rng.integers(0, 256, (B, C, T))
+  mask = rng.random((B, C, T)) < 0.6
+  p = rng.uniform(0.0, 0.05, (B, C, T))
+  p[~mask] = 0.99  # unscored slots: must not count
+  dchunks = rng.random((B, C)) < 0.05
+  b, c = np.nonzero(dchunks)
+  j = rng.integers(0, T, b.size)
+  target[b, c, j], mask[b, c, j] = tok.DELEGATE, True
+  p[b, c, j] = rng.uniform(0.03, 0.4, b.size)
+  out = probe.calibrate_delegate_threshold(p, target, mask, max_false=0.01)
+  score = np.where(mask, p, 0).max(-1)
+  neg = mask.any(-1) & ~dchunks
+  assert out["targets"] == dchunks.sum() and out["negative_chunks"] == neg.sum()
+  thr = out["threshold"]
+  assert (score[neg] >= thr).mean() <= 0.01 + 1e-12 and out["false_rate"] <= 0.01
+  lower = np.nextafter(np.max(score[neg][score[neg] < thr]), -np.inf)
+  assert (score[neg] >= lower).mean() > 0.01  # any lower threshold breaks the bound
+  assert out["recall"] == pytest.approx((score[dchunks] >= thr).mean())
+  assert 0.03 < thr < 0.05 and out["recall"] > 0.7
+  none = probe.calibrate_delegate_threshold(p, np.zeros_like(target), mask)
+  assert none["threshold"] == 1.0 and none["recall"] is None
+
+
 def test_reply_window_marks_the_gap_before_a_reply(rng):
   """With a reply `lat` s after the turn end, the chunks whose next chunk starts between
   0.2 s after the end and the reply's start say "speak"; nothing else does."""

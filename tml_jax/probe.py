@@ -23,6 +23,7 @@ import numpy as np
 
 from tml_jax import paths
 from tml_jax.data.speak_labels import CONDITIONS, chunk_conditions, voiced_chunks
+from tml_jax.text import tokenizer as tok
 
 __all__ = ["CONDITIONS", "chunk_conditions", "voiced_chunks", "summarize", "table_md",
            "plot_probe", "teacher_forced", "teacher_forced_probe", "free_running",
@@ -190,6 +191,37 @@ def free_running(engine, records, *, chunk_s: float, max_s: float | None = None)
     nows.append([False] + [r.spoke for r in res["records"]][:total - 2])
   return summarize(np.concatenate(ps), np.concatenate(ys), np.concatenate(cs),
                    threshold=engine.speak_threshold, now_N=np.concatenate(nows))
+
+
+def calibrate_delegate_threshold(p_del_BCT, target_BCT, mask_BCT, *,
+                                 max_false: float = 0.002, lo: float = 0.01) -> dict:
+  """The DELEGATE threshold for serving (serve.delegate_threshold="auto"), from teacher-
+  forced validation text: P(DELEGATE) per text slot, its targets and the slots scored.
+
+  The engine emits DELEGATE at the first slot of a chunk whose P(DELEGATE) reaches the
+  threshold, so a chunk counts by its highest slot. The threshold is the lowest at which at
+  most `max_false` of the chunks without a DELEGATE target would emit one (never below `lo`:
+  a handful of chunks cannot vouch for less). Why a threshold at all: DELEGATE is about one
+  text target in 2000, so a model that gives it a tenth of the mass where it belongs (CE
+  ~2.3) still never emits it by argmax.
+  Returns dict(threshold, recall (share of the chunks with a DELEGATE target that emit it),
+  false_rate, targets, negative_chunks); threshold 1.0 (plain decoding) without targets.
+  """
+  p = np.asarray(p_del_BCT, np.float64)
+  mask = np.asarray(mask_BCT, bool)
+  is_del = mask & (np.asarray(target_BCT) == tok.DELEGATE)
+  score = np.where(mask, p, 0.0).max(-1).ravel()  # per chunk: its most likely slot
+  scored = mask.any(-1).ravel()
+  pos, neg = is_del.any(-1).ravel(), scored & ~is_del.any(-1).ravel()
+  if not pos.any() or not neg.any():
+    return dict(threshold=1.0, recall=None, false_rate=None, targets=int(pos.sum()),
+                negative_chunks=int(neg.sum()))
+  sorted_neg = np.sort(score[neg])
+  k = int(np.floor(max_false * sorted_neg.size))
+  thr = float(np.clip(np.nextafter(sorted_neg[sorted_neg.size - k - 1], np.inf), lo, 1.0))
+  return dict(threshold=thr, recall=float((score[pos] >= thr).mean()),
+              false_rate=float((score[neg] >= thr).mean()), targets=int(pos.sum()),
+              negative_chunks=int(neg.sum()))
 
 
 def max_false_onsets(config) -> float:

@@ -290,7 +290,7 @@ class InteractionModel(nnx.Module):
 
   # ------------------------------------------------------------------ one micro-turn
   def step(self, cache: kv_cache.KVCache, obs: dict, t, forced_T, rng, temperature, *,
-           flow_steps: int, with_prefix: bool, speak_threshold=0.5):
+           flow_steps: int, with_prefix: bool, speak_threshold=0.5, delegate_threshold=1.0):
     """One micro-turn against the ring cache; the training forward pass, one chunk at a time.
 
     obs: user_dmel/self_dmel [1, 1, F, 80], video [1, 1, Pv, 4800], video_valid bool [],
@@ -302,6 +302,8 @@ class InteractionModel(nnx.Module):
     the MODEL_AUDIO queries in one pass and the flow head's Euler steps.
     With the speak gate, P(speak) below `speak_threshold` makes the chunk silent: text EOT
     at slot 0 (then PAD) and the silence floor as mel; the cache still holds the chunk.
+    A text slot whose P(DELEGATE) reaches `delegate_threshold` emits DELEGATE (once per
+    chunk): a rare token's decision rule, as the gate is speech's (1: plain decoding).
     Returns (cache, dict(tokens [To], logits [To, V], audio_cond [A, D], mel [F, 80],
     p_speak [] (1 without a gate), pooled [D]: the chunk's history vector for the
     background model, model.background.pool_chunk)).
@@ -332,7 +334,7 @@ class InteractionModel(nnx.Module):
       heard = h_obs[:, skip:skip + lay.user_audio].astype(jnp.float32).mean(1)[0]
     cache, tokens, logits, p_speak = self._decode_text(cache, meta_K, base, pos0, forced_T,
                                                        rng, temperature, speak_threshold,
-                                                       heard)
+                                                       heard, delegate_threshold)
     A, off_A = lay.model_audio, lay.offset(Segment.MODEL_AUDIO)
     cache, cond = self.extend(cache, emb[Segment.MODEL_AUDIO][:, 0],
                               pos0 + off_A + jnp.arange(A, dtype=jnp.int32)[None],
@@ -344,16 +346,19 @@ class InteractionModel(nnx.Module):
                        p_speak=p_speak, pooled=pool_chunk(h_obs, q_meta)[0])
 
   def _decode_text(self, cache, meta_K: TokenMeta, base, pos0, forced_T, rng, temperature,
-                   speak_threshold, heard_D=None):
+                   speak_threshold, heard_D=None, delegate_threshold=1.0):
     """The MODEL_TEXT slots, autoregressive. After EOT the training inputs are EOT then PAD
     (the text FIFO), so a free-running decode feeds the same and reports PAD after it.
+    DELEGATE is about one text target in 2000, so even where it belongs it seldom wins the
+    argmax: a slot whose P(DELEGATE) reaches `delegate_threshold` (calibrated on validation,
+    tml_jax.probe.calibrate_delegate_threshold) emits it, at most once per chunk.
     Returns (cache, tokens, logits, P(speak) from slot 0)."""
     lay, dt = self.cfg.layout, DTYPES[self.cfg.dtype]
     off_T, To, V = lay.offset(Segment.MODEL_TEXT), lay.model_text, self.cfg.vocab_size
     seg = self.embed.segment[...].astype(dt)[None, None, int(Segment.MODEL_TEXT)]
 
     def text_slot(j, carry):
-      cache, prev, done, tokens, logits, p_speak = carry
+      cache, prev, done, delegated, tokens, logits, p_speak = carry
       inp = jnp.where(forced_T[j] >= 0, forced_T[j], jnp.where(j == 0, tok.BOS, prev))
       x = (self.embed.tokens(jnp.reshape(inp, (1, 1)), dt) + seg).astype(cache.hidden.dtype)
       slot = off_T + j
@@ -365,14 +370,19 @@ class InteractionModel(nnx.Module):
         p_speak = jnp.where(j == 0, jax.nn.sigmoid(self.speak_logits(h[0, 0], heard_D)),
                             p_speak)
       pred = sample_token(lg, jax.random.fold_in(rng, j), temperature)
+      p_del = jax.nn.softmax(lg.astype(jnp.float32))[tok.DELEGATE]
+      pred = jnp.where((p_del >= delegate_threshold) & ~delegated, tok.DELEGATE, pred)
       pred = jnp.where((j == 0) & (p_speak < speak_threshold), tok.EOT, pred)
       pred = jnp.where(done, tok.PAD, pred)
       done = done | (pred == tok.EOT)
-      return cache, pred, done, tokens.at[j].set(pred), logits.at[j].set(lg), p_speak
+      delegated = delegated | (pred == tok.DELEGATE)
+      return (cache, pred, done, delegated, tokens.at[j].set(pred), logits.at[j].set(lg),
+              p_speak)
 
-    init = (cache, jnp.int32(tok.BOS), jnp.bool_(False), jnp.full((To,), tok.PAD, jnp.int32),
-            jnp.zeros((To, V), jnp.float32), jnp.float32(1.0))
-    cache, _, _, tokens, logits, p_speak = jax.lax.fori_loop(0, To, text_slot, init)
+    init = (cache, jnp.int32(tok.BOS), jnp.bool_(False), jnp.bool_(False),
+            jnp.full((To,), tok.PAD, jnp.int32), jnp.zeros((To, V), jnp.float32),
+            jnp.float32(1.0))
+    cache, _, _, _, tokens, logits, p_speak = jax.lax.fori_loop(0, To, text_slot, init)
     return cache, tokens, logits, p_speak
 
 

@@ -46,7 +46,7 @@ class Engine:
   def __init__(self, model, config, *, temperature: float | None = None,
                griffin_lim_iters: int | None = None, tools: dict | None = None,
                generate=None, warmup: bool = True, speak_threshold: float | None = None,
-               keep_threshold: float | None = None):
+               keep_threshold: float | None = None, delegate_threshold: float | None = None):
     serve = config.get("serve", {})
     self.config = config
     self.lay = ChunkLayout.from_config(config.layout)
@@ -66,8 +66,16 @@ class Engine:
       keep = serve.get("speak_keep_threshold", "auto")
       keep_threshold = min(0.5, speak_threshold) if keep == "auto" else float(keep)
     self.keep_threshold = float(keep_threshold)
+    if delegate_threshold is None:
+      delegate_threshold = serve.get("delegate_threshold", "auto")
+      delegate_threshold = 1.0 if delegate_threshold == "auto" else float(delegate_threshold)
+    if not 0.0 < float(delegate_threshold) <= 1.0:
+      raise ValueError(f"serve.delegate_threshold={delegate_threshold!r}: a probability in "
+                       "(0, 1] (1: DELEGATE only where it wins the argmax), or 'auto'")
+    self.delegate_threshold = float(delegate_threshold)
     self.stream = StreamingModel(model, flow_steps=config.model.flow_steps,
-                                 speak_threshold=speak_threshold)
+                                 speak_threshold=speak_threshold,
+                                 delegate_threshold=self.delegate_threshold)
     bg = getattr(model, "background", None)
     self.generate = generate or (ModelGenerator(bg, model.cfg.window) if bg is not None
                                  else None)
@@ -137,6 +145,8 @@ class Engine:
     params, step = restore_params(workdir, nnx.to_pure_dict(abstract), skipped=skipped)
     if config.get("serve", {}).get("speak_threshold", "auto") == "auto":
       kw.setdefault("speak_threshold", calibrated_threshold(workdir))
+    if config.get("serve", {}).get("delegate_threshold", "auto") == "auto":
+      kw.setdefault("delegate_threshold", calibrated_threshold(workdir, "delegate"))
     engine = cls(model_from_params(graphdef, abstract, params), config, **kw)
     engine.step, engine.skipped_checkpoints = step, skipped
     return engine
@@ -216,12 +226,15 @@ def _blas_threads(n: int):
   return threadpool_limits(limits=n, user_api="blas")
 
 
-def calibrated_threshold(workdir: str) -> float:
-  """The speak threshold the trainer calibrated on validation (W/speak_threshold.json), or
-  0.5 when the run has none (no speak gate, or no final report yet)."""
-  path = paths.join(workdir, "speak_threshold.json")
+def calibrated_threshold(workdir: str, kind: str = "speak") -> float:
+  """A threshold the trainer calibrated on validation: W/speak_threshold.json (the speak
+  gate's; 0.5 when the run has none: no gate, or no final report yet) or
+  W/delegate_threshold.json (DELEGATE's; 1.0, plain decoding, when the run has none)."""
+  if kind not in ("speak", "delegate"):
+    raise ValueError(f"kind={kind!r}: 'speak' or 'delegate'")
+  path = paths.join(workdir, f"{kind}_threshold.json")
   if not paths.exists(path):
-    return 0.5
+    return 0.5 if kind == "speak" else 1.0
   return float(paths.read_json(path)["threshold"])
 
 

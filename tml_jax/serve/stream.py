@@ -39,7 +39,7 @@ class StreamingModel:
   """Parameters, the cache and the jitted step; `step` advances the conversation one chunk."""
 
   def __init__(self, model: InteractionModel, *, flow_steps: int,
-               speak_threshold: float = 0.5):
+               speak_threshold: float = 0.5, delegate_threshold: float = 1.0):
     self.cfg = model.cfg
     # The background model's compact history (model.background.pool_chunk): one vector per
     # chunk for the last `history_chunks` chunks, a host-side ring of fixed size.
@@ -54,14 +54,16 @@ class StreamingModel:
     # differ in sharding from a fresh cache and force a second compile mid-conversation.
     self.state = jax.device_put(state, jax.devices()[0])
     self.flow_steps, self.speak_threshold = flow_steps, float(speak_threshold)
+    self.delegate_threshold = float(delegate_threshold)
     self._step = jax.jit(self._pure_step, static_argnames=("with_prefix",), donate_argnums=(1,))
     self.reset()
 
-  def _pure_step(self, state, cache, obs, t, forced_T, rng, temperature, speak_threshold, *,
-                 with_prefix):
+  def _pure_step(self, state, cache, obs, t, forced_T, rng, temperature, speak_threshold,
+                 delegate_threshold, *, with_prefix):
     model = nnx.merge(self.graphdef, state)
     return model.step(cache, obs, t, forced_T, rng, temperature, flow_steps=self.flow_steps,
-                      with_prefix=with_prefix, speak_threshold=speak_threshold)
+                      with_prefix=with_prefix, speak_threshold=speak_threshold,
+                      delegate_threshold=delegate_threshold)
 
   def reset(self):
     self.cache = init_cache(self.cfg)
@@ -92,7 +94,7 @@ class StreamingModel:
                                  jnp.asarray(forced_T), rng, jnp.float32(temperature),
                                  jnp.float32(self.speak_threshold if speak_threshold is None
                                              else speak_threshold),
-                                 with_prefix=with_prefix)
+                                 jnp.float32(self.delegate_threshold), with_prefix=with_prefix)
     if self.history_chunks:
       slot = self.t % self.history_chunks
       self.history[slot] = np.asarray(out["pooled"], np.float32)

@@ -28,6 +28,7 @@ import numpy as np
 from tml_jax import paths
 from tml_jax import probe as probe_lib
 from tml_jax.config import validate
+from tml_jax.microturn import Segment
 from tml_jax.model.transformer import count_params
 from tml_jax.text import tokenizer as tok
 from tml_jax.train import report as report_lib
@@ -208,12 +209,43 @@ def free_running_probe(setup: Setup, state, data_dir: str, num: int,
                                               speak_threshold=speak_threshold)
 
 
-def write_speak_threshold(workdir: str, step: int, calibration: dict):
-  """W/speak_threshold.json: the threshold the engine serves with when the config says
-  serve.speak_threshold="auto" (tml_jax.probe.calibrate_threshold)."""
-  paths.write_json(paths.join(workdir, "speak_threshold.json"), dict(calibration, step=step))
-  print(f"speak threshold calibrated on validation: {calibration['threshold']:.3f} (onset "
-        f"recall {calibration['onset_recall']}, false onsets {calibration['false_onset_rate']})",
+def delegate_calibration(setup: Setup, state, make_val, num_batches: int) -> dict | None:
+  """The serving DELEGATE threshold from teacher-forced validation text
+  (tml_jax.probe.calibrate_delegate_threshold, at most train.delegate_max_false of the
+  chunks without a target emitting one); None across processes."""
+  if jax.process_count() > 1:
+    return None
+  lay = setup.cfg.layout
+
+  def p_delegate(params, batch):
+    out = setup.model(params)(batch)
+    valid = lay.unpack(jnp.asarray(batch["meta"].valid)[..., None], Segment.MODEL_TEXT)
+    p = jax.nn.softmax(out.text_logits.astype(jnp.float32), -1)[..., tok.DELEGATE]
+    return p, valid[:, :, 0, 0]
+
+  fn = jax.jit(p_delegate)
+  ps, targets, masks = [], [], []
+  with jax.set_mesh(setup.mesh):
+    for b in itertools.islice(make_val(), num_batches):
+      p, valid = fn(state["params"], shd.to_global(b, setup.batch_sharding))
+      target = np.asarray(b["model_text_target"])
+      ps.append(np.asarray(p))
+      targets.append(target)
+      masks.append((target != tok.PAD) & np.asarray(valid)[..., None])
+  if not ps:
+    return None
+  return probe_lib.calibrate_delegate_threshold(
+      np.concatenate(ps), np.concatenate(targets), np.concatenate(masks),
+      max_false=float(setup.config.train.get("delegate_max_false", 0.002)))
+
+
+def write_threshold(workdir: str, kind: str, step: int, calibration: dict):
+  """W/{kind}_threshold.json: the threshold the engine serves with when the config says
+  serve.{kind}_threshold="auto" (tml_jax.probe.calibrate_threshold / calibrate_delegate_
+  threshold; tml_jax.serve.engine.calibrated_threshold reads it)."""
+  paths.write_json(paths.join(workdir, f"{kind}_threshold.json"), dict(calibration, step=step))
+  print(f"{kind} threshold calibrated on validation: {calibration['threshold']:.3f} "
+        f"({', '.join(f'{k} {v}' for k, v in calibration.items() if k != 'threshold')})",
         flush=True)
 
 
@@ -227,10 +259,14 @@ def write_final_report(setup: Setup, state, make_val, workdir: str) -> dict:
   if jax.process_index() != 0:
     return dict(report=dict(validation=val, baselines=base, samples=samples))
   probes = {}
+  dc = delegate_calibration(setup, state, make_val, tc.eval_batches)
+  if dc is not None:
+    write_threshold(workdir, "delegate", int(state["step"]), dc)
+    val.update({f"delegate_calibration_{k}": v for k, v in dc.items() if v is not None})
   tf = speak_probe(setup, state, make_val, tc.eval_batches)
   if tf is not None:
     probes["teacher-forced"] = tf
-    write_speak_threshold(workdir, int(state["step"]), tf["calibration"])
+    write_threshold(workdir, "speak", int(state["step"]), tf["calibration"])
     print("speak-decision probe: running the engine free on validation conversations ...",
           flush=True)
     from tml_jax.data import tml_duplex

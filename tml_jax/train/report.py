@@ -75,7 +75,22 @@ def _delegate_rows(val: dict) -> list[str]:
           f"| DELEGATE cross-entropy at its targets | {val['delegate']:.3f} | "
           f"{math.log(tok.VOCAB_SIZE):.3f} (uniform) |",
           f"| DELEGATE emitted at other text targets (share) | {val['delegate_false']:.5f} "
-          "| 0 |"]
+          "| 0 |", *_delegate_calibration_rows(val)]
+
+
+def _delegate_calibration_rows(val: dict) -> list[str]:
+  """The serving DELEGATE threshold (W/delegate_threshold.json) and what it does on the
+  same chunks (tml_jax.probe.calibrate_delegate_threshold)."""
+  if "delegate_calibration_recall" not in val:
+    return []
+  return [f"| DELEGATE threshold calibrated for serving | "
+          f"{val['delegate_calibration_threshold']:.4f} | 1 (plain decoding) |",
+          f"| chunks with a DELEGATE target that reach it (recall) | "
+          f"{val['delegate_calibration_recall']:.3f} "
+          f"(of {val['delegate_calibration_targets']:.0f}) | 0 |",
+          f"| chunks without one that reach it (false) | "
+          f"{val['delegate_calibration_false_rate']:.4f} "
+          f"(of {val['delegate_calibration_negative_chunks']:.0f}) | 0 |"]
 
 
 def probe_markdown(probes: dict, png: str | None) -> list[str]:
