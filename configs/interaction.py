@@ -164,15 +164,17 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
       # (a window into the row) or its result's arrival and the answer (same function).
       delegation_crop_share=0.4,
       # The serving DELEGATE threshold (serve.delegate_threshold="auto") is the lowest at
-      # which at most this share of the validation chunks without a DELEGATE target would
-      # emit one (tml_jax.probe.calibrate_delegate_threshold): 0.002, one per 100 s.
-      delegate_max_false=0.002,
+      # which at most this share of the validation chunks not within 2 of a DELEGATE target
+      # would emit one (tml_jax.probe.calibrate_delegate_threshold): 0.002, one per 100 s,
+      # on this many validation batches cropped as training crops them.
+      delegate_max_false=0.002, delegate_calibration_batches=16,
       loss_weights=mlc.ConfigDict(dict(text=1.0, audio=1.0, balance=0.01, z=1e-3,
                                        background=1.0, speak=1.0,
                                        # mean CE over the DELEGATE targets of a batch
                                        # (tml_jax.train.losses.text_terms): each counts
-                                       # ~30x a text target instead of 1x
-                                       delegate=0.05,
+                                       # ~120x a text target instead of 1x (0.05, ~30x:
+                                       # CE 2.7-4.2 at the targets after 400-490 steps)
+                                       delegate=0.2,
                                        # onsets/offsets of the model's speech in the gate
                                        # loss (tml_jax.train.losses.speak_terms)
                                        speak_transition=3.0,

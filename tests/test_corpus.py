@@ -264,6 +264,34 @@ def test_delegations_use_every_tool_and_its_real_answer(rng):
   assert seen == {"calculator", "clock", "clock now", "knowledge", "chart"}, seen
 
 
+def test_held_delegations_put_the_question_beyond_the_window(rng):
+  """A held delegation: the question, a hold and a release in one user turn with a pause
+  the model must sit through; its DELEGATE comes more than a 5 s window after the
+  question's end. Plain ones delegate right after the question."""
+  seed, kinds = int(rng.integers(1 << 20)), set()
+  for i in range(40):
+    c = scenarios.generate("train", i, seed=seed, duration_s=24.0, scenario="delegation")
+    for d in c.events_of("delegation"):
+      gap = d.start_s - d.data["question_end_s"]
+      q_end = d.data["question_end_s"]
+      turn = next(e for e in c.events_of("user_turn")
+                  if e.start_s <= q_end <= e.end_s + 1e-3)
+      assert turn.end_s < d.start_s
+      if d.data["held"]:
+        assert 5.0 < gap < 7.0, (c.id, gap)
+        assert any(turn.start_s < p.start_s and p.end_s <= turn.end_s and p.end_s - p.start_s
+                   > 0.7 for p in c.events_of("pause")), c.id
+        words = [w for w in c.words_of("user") if d.data["question_end_s"] < w.start_s
+                 < d.start_s]
+        assert len(words) >= 4, c.id  # the hold and the release are said
+      else:
+        assert gap < 0.7, (c.id, gap)
+      kinds.add(d.data["held"])
+    if kinds == {True, False}:
+      break
+  assert kinds == {True, False}, kinds
+
+
 def test_delegation_answer_arrives_as_text_and_is_spoken_after():
   c = conv("delegation")
   (d,) = c.events_of("delegation")

@@ -240,38 +240,46 @@ def test_offline_outputs_aligned(engine, rng, tmp_path):
 def test_delegate_threshold_rule(ring_model, rng):
   """Free-running decode with a DELEGATE threshold: each slot emits DELEGATE when its
   P(DELEGATE) reaches the threshold and none was emitted yet in the chunk, else its argmax;
-  after EOT the slots are PAD. Checked slot by slot against the step's own logits."""
+  a closed gate silences the chunk's first slot that is not a DELEGATE (EOT), so a silent
+  chunk may still delegate; after EOT the slots are PAD. Checked slot by slot against the
+  step's own logits, with the gate open and closed."""
   model, sm = ring_model
   lay, C = model.cfg.layout, 6
   b = random_batch(lay, batch=1, num_chunks=C, seed=int(rng.integers(1 << 30)))
   p_del = lambda lg: np.asarray(jax.nn.softmax(jnp.asarray(lg, jnp.float32)))[..., tok.DELEGATE]
-  sm.reset()
-  first = np.concatenate([p_del(sm.step(_obs(b, t), speak_threshold=0.0)["logits"])
-                          for t in range(C)])
-  sm.reset()
-  sm.delegate_threshold = float(np.quantile(first, 0.6))
-  emitted = 0
+  emitted = {}
   try:
-    for t in range(C):
-      out = sm.step(_obs(b, t), speak_threshold=0.0)
-      tokens, logits = np.asarray(out["tokens"]), np.asarray(out["logits"])
-      done = delegated = False
-      for j in range(lay.model_text):
-        pd = p_del(logits[j])
-        if done:
-          assert tokens[j] == tok.PAD
-          continue
-        if abs(pd - sm.delegate_threshold) < 1e-6 * sm.delegate_threshold:
-          break  # too close to call in float32
-        want = tok.DELEGATE if pd >= sm.delegate_threshold and not delegated else int(
-            np.argmax(logits[j]))
-        assert tokens[j] == want, (t, j, pd, sm.delegate_threshold)
-        done, delegated = want == tok.EOT, delegated or want == tok.DELEGATE
-      emitted += int((tokens == tok.DELEGATE).sum())
-      assert (tokens == tok.DELEGATE).sum() <= 1
+    for gate_open in (True, False):
+      gate = 0.0 if gate_open else 2.0
+      sm.reset()  # P(DELEGATE) of the slots decoded without the rule: the threshold's scale
+      first = [p_del(sm.step(_obs(b, t), speak_threshold=gate)["logits"]) for t in range(C)]
+      sm.reset()
+      # closed: only slot 0 is decoded before EOT, so the threshold is drawn from those
+      sm.delegate_threshold = thr = float(np.quantile(
+          np.concatenate(first) if gate_open else [f[0] for f in first], 0.5))
+      emitted[gate_open] = 0
+      for t in range(C):
+        out = sm.step(_obs(b, t), speak_threshold=gate)
+        tokens, logits = np.asarray(out["tokens"]), np.asarray(out["logits"])
+        done = delegated = spoke = False
+        for j in range(lay.model_text):
+          if done:
+            assert tokens[j] == tok.PAD
+            continue
+          pd = p_del(logits[j])
+          if abs(pd - thr) < 1e-6 * thr:
+            break  # too close to call in float32
+          want = tok.DELEGATE if pd >= thr and not delegated else int(np.argmax(logits[j]))
+          if not spoke and not gate_open and want != tok.DELEGATE:
+            want = tok.EOT
+          assert tokens[j] == want, (gate_open, t, j, pd, thr)
+          done, delegated = want == tok.EOT, delegated or want == tok.DELEGATE
+          spoke = spoke or want != tok.DELEGATE
+        emitted[gate_open] += int((tokens == tok.DELEGATE).sum())
+        assert (tokens == tok.DELEGATE).sum() <= 1
   finally:
     sm.delegate_threshold = 1.0
-  assert emitted > 0  # the rule did something on these inputs
+  assert min(emitted.values()) > 0, emitted  # the rule did something on these inputs
 
 
 def test_speak_gate_hysteresis(engine, rng, tmp_path):

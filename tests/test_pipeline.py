@@ -155,20 +155,21 @@ def test_anchored_crops_hold_their_anchor(rng):
   make = lambda **kw: pipeline.MicroTurnExample(lay, C, **kw)
   rem, dele, both, plain = (make(reminder_crop_share=1.0), make(delegation_crop_share=1.0),
                             make(reminder_crop_share=0.5, delegation_crop_share=0.5), make())
-  P = {k: rem.placement(k) for k in ("reminder", "delegate", "result")}
+  P = {k: rem.placement(k) for k in ("reminder", "delegate", "held", "result")}
   assert P["delegate"] == (lay.window, 4) and P["reminder"] == (2, 12)
+  assert P["held"] == (C - 1, 1)  # a held DELEGATE is the row's last chunk
   kinds_seen = {"reminder": 0, "delegation": 0}
   for _ in range(300):
     total = int(rng.integers(C + 1, 400))
     anchors = {k: sorted(int(a) for a in rng.integers(0, total, size=int(rng.integers(0, 3))))
-               for k in ("reminder", "delegate", "result")}
+               for k in ("reminder", "delegate", "held", "result")}
     draw = lambda tf, a=anchors: tf.crop_start(total, a,
                                                np.random.default_rng(int(rng.integers(1 << 30))))
     for tf in (rem, dele, both, plain):
       assert 0 <= draw(tf) <= total - C
     if _reachable(total, C, anchors["reminder"], P["reminder"]):
       assert _holds(draw(rem), C, anchors["reminder"], P["reminder"]), (total, anchors)
-    deleg = [(anchors[k], P[k]) for k in ("delegate", "result")]
+    deleg = [(anchors[k], P[k]) for k in ("delegate", "held", "result")]
     if any(_reachable(total, C, a, p) for a, p in deleg):
       start = draw(dele)
       assert any(_holds(start, C, a, p) for a, p in deleg), (total, anchors, start)
@@ -207,7 +208,7 @@ def test_delegation_anchors_are_the_delegate_target_and_the_result():
     s = tf.streams(record)
     a = s["_anchors"]
     assert a["delegate"], f"a {scenario} conversation without a DELEGATE target"
-    assert a["delegate"] == sorted(
+    assert sorted(a["delegate"] + a["held"]) == sorted(
         {int(c) for c in np.nonzero(s["model_text_target"] == tok.DELEGATE)[0]})
     arrivals = {int(np.floor(float(t) / 0.2 + 1e-9)) for t in record["text_in_s"]}
     assert a["result"] and set(a["result"]) <= arrivals

@@ -194,33 +194,42 @@ def free_running(engine, records, *, chunk_s: float, max_s: float | None = None)
 
 
 def calibrate_delegate_threshold(p_del_BCT, target_BCT, mask_BCT, *,
-                                 max_false: float = 0.002, lo: float = 0.01) -> dict:
+                                 max_false: float = 0.002, lo: float = 0.01,
+                                 tolerance: int = 2) -> dict:
   """The DELEGATE threshold for serving (serve.delegate_threshold="auto"), from teacher-
   forced validation text: P(DELEGATE) per text slot, its targets and the slots scored.
 
   The engine emits DELEGATE at the first slot of a chunk whose P(DELEGATE) reaches the
-  threshold, so a chunk counts by its highest slot. The threshold is the lowest at which at
-  most `max_false` of the chunks without a DELEGATE target would emit one (never below `lo`:
-  a handful of chunks cannot vouch for less). Why a threshold at all: DELEGATE is about one
-  text target in 2000, so a model that gives it a tenth of the mass where it belongs (CE
-  ~2.3) still never emits it by argmax.
-  Returns dict(threshold, recall (share of the chunks with a DELEGATE target that emit it),
-  false_rate, targets, negative_chunks); threshold 1.0 (plain decoding) without targets.
+  threshold, so a chunk counts by its highest scored slot. A delegation `tolerance` chunks
+  early or late is still one (the corpus' own DELEGATE time follows a random reply
+  latency): a target counts as recalled when a chunk that near it reaches the threshold,
+  and those chunks are not negatives. The threshold is the lowest at which at most
+  `max_false` of the other scored chunks would emit one (never below `lo`: a few hundred
+  chunks cannot vouch for less). Why a threshold at all: DELEGATE is about one text target
+  in 2000, so a model that gives it a tenth of the mass where it belongs (CE ~2.3) still
+  never emits it by argmax.
+  Returns dict(threshold, recall (share of the DELEGATE targets recalled), false_rate,
+  targets, negative_chunks); threshold 1.0 (plain decoding) without targets.
   """
   p = np.asarray(p_del_BCT, np.float64)
   mask = np.asarray(mask_BCT, bool)
-  is_del = mask & (np.asarray(target_BCT) == tok.DELEGATE)
-  score = np.where(mask, p, 0.0).max(-1).ravel()  # per chunk: its most likely slot
-  scored = mask.any(-1).ravel()
-  pos, neg = is_del.any(-1).ravel(), scored & ~is_del.any(-1).ravel()
-  if not pos.any() or not neg.any():
-    return dict(threshold=1.0, recall=None, false_rate=None, targets=int(pos.sum()),
+  is_del = (mask & (np.asarray(target_BCT) == tok.DELEGATE)).any(-1)  # [B, C]
+  score = np.where(mask, p, 0.0).max(-1)  # per chunk: its most likely slot
+  B, C = score.shape
+  near = np.zeros((B, C), bool)
+  for b, c in zip(*np.nonzero(is_del)):
+    near[b, max(0, c - tolerance):c + tolerance + 1] = True
+  neg = mask.any(-1) & ~near
+  targets = list(zip(*np.nonzero(is_del)))
+  if not targets or not neg.any():
+    return dict(threshold=1.0, recall=None, false_rate=None, targets=len(targets),
                 negative_chunks=int(neg.sum()))
   sorted_neg = np.sort(score[neg])
   k = int(np.floor(max_false * sorted_neg.size))
   thr = float(np.clip(np.nextafter(sorted_neg[sorted_neg.size - k - 1], np.inf), lo, 1.0))
-  return dict(threshold=thr, recall=float((score[pos] >= thr).mean()),
-              false_rate=float((score[neg] >= thr).mean()), targets=int(pos.sum()),
+  best = [score[b, max(0, c - tolerance):c + tolerance + 1].max() for b, c in targets]
+  return dict(threshold=thr, recall=float(np.mean(np.asarray(best) >= thr)),
+              false_rate=float((score[neg] >= thr).mean()), targets=len(targets),
               negative_chunks=int(neg.sum()))
 
 

@@ -33,6 +33,12 @@ def _text(x) -> str:
   return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
+def _delegations(annotated: list[dict]) -> list[dict]:
+  """The delegation events of a record by start time: the order their DELEGATEs land in."""
+  return sorted((e for e in annotated if e["kind"] == "delegation"),
+                key=lambda e: e["start_s"])
+
+
 class MicroTurnExample(grain.transforms.RandomMap):
   """One record -> one example of `num_chunks` chunks (numpy, unbatched)."""
 
@@ -73,18 +79,23 @@ class MicroTurnExample(grain.transforms.RandomMap):
     out = dict(user_dmel=per_chunk(record["user_dmel"]).astype(np.int32),
                self_dmel=per_chunk(record["self_dmel"]).astype(np.int32))
 
-    # Text the model must say: its words by start time, DELEGATE at each delegation.
+    # Text the model must say: its words by start time, DELEGATE at each delegation, ahead
+    # of the acknowledgement that starts with it: a chunk-level decision at the chunk's
+    # first slot, where the speak decision is made too (after the ack's first word, a
+    # trained model still put its DELEGATE mass on slot 0: 0.03-0.12 there, 0.003 at the
+    # target).
     said = [[] for _ in range(total)]
     for text, start, speaker in zip(record["word_text"], record["word_start_s"],
                                     record["word_speaker"]):
       if _text(speaker) == "model":
-        said[chunk_of(float(start))].append((float(start), tok.ByteTokenizer().encode(
+        said[chunk_of(float(start))].append((float(start), 1, tok.ByteTokenizer().encode(
             _text(text) + " ")))
     annotated = json.loads(_text(record["events_json"]))  # parsed once per record
     for e in annotated:
       if e["kind"] == "delegation":
-        said[chunk_of(e["start_s"])].append((float(e["start_s"]), [tok.DELEGATE]))
-    said = [[t for _, ids in sorted(items, key=lambda x: x[0]) for t in ids] for items in said]
+        said[chunk_of(e["start_s"])].append((float(e["start_s"]), 0, [tok.DELEGATE]))
+    said = [[t for *_, ids in sorted(items, key=lambda x: x[:2]) for t in ids]
+            for items in said]
     # Chunk t predicts chunk t+1; the last chunk's target would lie outside the recording.
     target = TextFifo.layout(said[1:] + [[]], lay.model_text, reserve_eot=True)
     out["model_text_target"] = target
@@ -116,10 +127,13 @@ class MicroTurnExample(grain.transforms.RandomMap):
     out["speak_condition"] = speak_labels.chunk_conditions(record, total, self.chunk_s)
     # Chunks that crops may be placed around (crop_start): reminder firings; a delegation's
     # DELEGATE (where it landed in the targets) and its result's arrival.
+    landed = [(int(c), bool(e.get("data", e).get("held")))
+              for c, e in zip(np.nonzero(target == tok.DELEGATE)[0], _delegations(annotated))]
     out["_anchors"] = dict(
         reminder=[chunk_of(float(e["data"]["due_s"])) for e in annotated
                   if e["kind"] == "reminder_due"],
-        delegate=[int(c) for c in np.nonzero(target == tok.DELEGATE)[0]],
+        delegate=[c for c, held in landed if not held],
+        held=[c for c, held in landed if held],
         result=[chunk_of(float(e["data"]["arrival_s"])) for e in annotated
                 if e["kind"] == "delegation"])
 
@@ -138,11 +152,9 @@ class MicroTurnExample(grain.transforms.RandomMap):
   def _background(self, annotated: list[dict], target) -> list:
     """(chunk, inputs, targets, mask) per delegation: the chunk is where its DELEGATE landed
     in the text targets (FIFO spill included), i.e. the micro-turn that emits it."""
-    events = sorted((e for e in annotated
-                     if e["kind"] == "delegation"), key=lambda e: e["start_s"])
     chunks = [int(c) for c, j in zip(*np.nonzero(target == tok.DELEGATE))]
     out = []
-    for c, e in zip(chunks, events):
+    for c, e in zip(chunks, _delegations(annotated)):
       d = e.get("data", e)
       out.append((c, *target_sequence(d["tool"], d["question"], d["result_text"], self.bg_len,
                                       d.get("args"))))
@@ -164,12 +176,17 @@ class MicroTurnExample(grain.transforms.RandomMap):
   # start after it: placed earlier, the row's start (which looks like a conversation's) lay
   # inside its window at a fixed distance, and a model trained with (10, 10) delegated 2.6 s
   # into 10 of the 88 test clips, none of them a delegation.
-  PLACEMENT = dict(reminder=(2, 12), result=(2, 12), delegate=(None, 4))
+  # A held delegation's DELEGATE (its question seconds before, beyond the window) is the
+  # row's last chunk ("last"): the chunks before the window, the most the row can hold, are
+  # the background model's history of the question.
+  PLACEMENT = dict(reminder=(2, 12), result=(2, 12), delegate=(None, 4), held=("last", 1))
 
   def placement(self, kind: str) -> tuple[int, int]:
     before, after = self.PLACEMENT[kind]
     if before is None:
       before = self.layout.window if self.layout.window is not None else 10
+    elif before == "last":
+      before = self.num_chunks - 1
     before = min(before, self.num_chunks - 1)
     return before, min(after, self.num_chunks - before)
 
@@ -188,7 +205,7 @@ class MicroTurnExample(grain.transforms.RandomMap):
       spans[kind] = [(lo, hi) for lo, hi in s if lo <= hi]
     groups = [(self.reminder_crop_share, spans.get("reminder", [])),
               (self.delegation_crop_share,
-               spans.get("delegate", []) + spans.get("result", []))]
+               spans.get("delegate", []) + spans.get("held", []) + spans.get("result", []))]
     groups = [(share, s) for share, s in groups if share > 0 and s]
     if groups:  # no draw otherwise: crops without anchors are drawn exactly as uniform ones
       u, edge = rng.random(), 0.0

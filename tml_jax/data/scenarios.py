@@ -41,7 +41,9 @@ from tml_jax.data.turn_scenarios import (background_speech, interruption, model_
 # 1.1.0: paused turns are one synthesis cut at the pauses; plain questions pause too.
 # 1.2.0: reminders and timers go through the background model and the clock tools, and
 #   fire as TEXT_IN; every tool is a delegation target (clock "now", chart); calls carry args.
-CORPUS_VERSION = "1.2.0"
+# 1.3.0: a third of the delegations are held ("wait, let me find a pen ... go ahead"): their
+#   question lies 5.2-6.8 s before the DELEGATE, beyond the 5 s window.
+CORPUS_VERSION = "1.3.0"
 
 # The order is part of the corpus: scenario = SCENARIOS[index % 13] when none is forced.
 SCENARIOS: dict[str, Callable[[Scene], None]] = {

@@ -97,7 +97,12 @@ def delegation(s: Scene):
   says it."""
   q = T.background_question(s)
   tool, question, answer = q["tool"], q["question"], q["answer"]
-  user = s.say("user", question, s.t)
+  held = s.rng.random() < HELD_SHARE and s.left() > 16.0
+  if held:
+    user, question_end = _held_question(s, question)
+  else:
+    user = s.say("user", question, s.t)
+    question_end = user[1] if user else None
   if user is None:
     return
   s.event("user_turn", *user, text=question)
@@ -112,7 +117,8 @@ def delegation(s: Scene):
     answer = answer.format(s=int(call_s))
   s.text_in.append((arrival, result))
   s.event("delegation", deleg, arrival, question=question, answer=answer, tool=tool,
-          args=q["args"], result_text=result, arrival_s=arrival)
+          args=q["args"], result_text=result, arrival_s=arrival, held=held,
+          question_end_s=round(question_end, 3))
   if ack_span:
     s.event("model_turn", *ack_span, text=ack, latency_s=lat)
   lat2 = s.latency()
@@ -123,6 +129,34 @@ def delegation(s: Scene):
             responds_to="text_in")
   s.t = (model[1] if model else start) + s.uniform(0.6, 1.5)
   s.fill_exchanges()
+
+
+# Share of delegations whose user holds the answer back: the question, then "wait, let me
+# find a pen", a long pause and "okay, go ahead". The DELEGATE then comes 5.2-6.8 s after
+# the question's end, beyond a 5 s window: only the background model's history (model.
+# background.pool_history) still holds the question.
+HELD_SHARE = 0.35  # "a third" in scenarios.CORPUS_VERSION 1.3.0
+HELD_GAP_S = (5.6, 6.8)
+
+
+def _held_question(s: Scene, question: str):
+  """The user's question, a hold and, after a pause, the release; returns ((start, end) of
+  the whole turn, the question's end), or (None, None) when it does not fit."""
+  hold, release = s.pick(T.HOLDS, "holds")
+  spans = s.say_paused("user", [question, hold], [s.uniform(0.3, 0.6)], s.t)
+  if len(spans) < 2:
+    return (spans[0] if spans else None), (spans[0][1] if spans else None)
+  q_end, hold_end = spans[0][1], spans[1][1]
+  utt = s.synth("user", release)
+  # The release's last word ends where a DELEGATE after the longest reply latency (0.6 s)
+  # lands HELD_GAP_S after the question's end; a shorter latency lands it up to 0.4 s sooner.
+  said = utt.words[-1][2] if utt.words else utt.duration_s
+  start = max(hold_end + 0.8, q_end + s.uniform(*HELD_GAP_S) - 0.6 - said)
+  end = s.place("user", utt, round(start, 3))
+  if end is None:
+    return (spans[0][0], hold_end), q_end
+  s.event("pause", hold_end, round(start, 3), model_silent=True)
+  return (spans[0][0], end), q_end
 
 
 def typed_text(s: Scene):

@@ -29,6 +29,20 @@ MODEL_BACKCHANNELS = ("mm-hmm", "yeah", "right", "I see", "uh-huh", "okay")
 ACKS = ("Let me check.", "One moment.", "Let me work that out.",
         "Give me a second to look that up.", "Good question, let me find out.", "Checking now.")
 
+# (what the user adds after a background question so that the model waits, what releases
+# it): a held delegation (task_scenarios.delegation), whose question lies seconds before
+# the DELEGATE, beyond the interaction model's window.
+HOLDS = (
+    ("Wait, do not answer yet, let me find a pen.", "Okay, go ahead."),
+    ("Hold on, someone is at the door.", "Sorry about that, go on."),
+    ("Actually, give me a moment, I am writing this down.", "Right, I am ready now."),
+    ("Just a second, let me open my notes.", "Okay, tell me."),
+    ("Hang on, my phone is ringing.", "Sorry, what was the answer?"),
+    ("Wait, let me grab some paper first.", "Alright, go ahead."),
+    ("One second, I need to sit down.", "Okay, I am listening."),
+    ("Hold that thought, the kettle is boiling.", "Okay, so what is it?"),
+)
+
 # (user question, model answer)
 TURN_PAIRS = (
     ("What should I cook for dinner tonight?",

@@ -85,7 +85,9 @@ class TmlDuplex(tfds.core.GeneratorBasedBuilder):
                             "the pause); 30 % of plain training questions pause.",
                    "1.2.0": "Reminders, timers and repeating reminders are delegated to the "
                             "clock tools and fire as TEXT_IN; clock 'now' and chart "
-                            "delegations; delegation events record the tool's args."}
+                            "delegations; delegation events record the tool's args.",
+                   "1.3.0": "Held delegations: 35 % of the users ask, say 'wait' and release "
+                            "the answer 5.2-6.8 s after the question (beyond the window)."}
   BUILDER_CONFIGS = [TmlDuplexConfig(name="default")]
   # Record i is conversation i (grain shuffles at read time), so an id maps to its position.
   disable_shuffling = True

@@ -303,7 +303,8 @@ class InteractionModel(nnx.Module):
     With the speak gate, P(speak) below `speak_threshold` makes the chunk silent: text EOT
     at slot 0 (then PAD) and the silence floor as mel; the cache still holds the chunk.
     A text slot whose P(DELEGATE) reaches `delegate_threshold` emits DELEGATE (once per
-    chunk): a rare token's decision rule, as the gate is speech's (1: plain decoding).
+    chunk, a silent chunk's slot 0 included): a rare token's decision rule, as the gate is
+    speech's (1: plain decoding).
     Returns (cache, dict(tokens [To], logits [To, V], audio_cond [A, D], mel [F, 80],
     p_speak [] (1 without a gate), pooled [D]: the chunk's history vector for the
     background model, model.background.pool_chunk)).
@@ -358,7 +359,7 @@ class InteractionModel(nnx.Module):
     seg = self.embed.segment[...].astype(dt)[None, None, int(Segment.MODEL_TEXT)]
 
     def text_slot(j, carry):
-      cache, prev, done, delegated, tokens, logits, p_speak = carry
+      cache, prev, done, delegated, spoke, tokens, logits, p_speak = carry
       inp = jnp.where(forced_T[j] >= 0, forced_T[j], jnp.where(j == 0, tok.BOS, prev))
       x = (self.embed.tokens(jnp.reshape(inp, (1, 1)), dt) + seg).astype(cache.hidden.dtype)
       slot = off_T + j
@@ -372,17 +373,21 @@ class InteractionModel(nnx.Module):
       pred = sample_token(lg, jax.random.fold_in(rng, j), temperature)
       p_del = jax.nn.softmax(lg.astype(jnp.float32))[tok.DELEGATE]
       pred = jnp.where((p_del >= delegate_threshold) & ~delegated, tok.DELEGATE, pred)
-      pred = jnp.where((j == 0) & (p_speak < speak_threshold), tok.EOT, pred)
+      # The gate rules the chunk's first slot that is not a DELEGATE: a silent micro-turn
+      # may still delegate (then EOT).
+      gated = ~spoke & (p_speak < speak_threshold) & (pred != tok.DELEGATE)
+      pred = jnp.where(gated, tok.EOT, pred)
       pred = jnp.where(done, tok.PAD, pred)
       done = done | (pred == tok.EOT)
       delegated = delegated | (pred == tok.DELEGATE)
-      return (cache, pred, done, delegated, tokens.at[j].set(pred), logits.at[j].set(lg),
-              p_speak)
+      spoke = spoke | (pred != tok.DELEGATE)
+      return (cache, pred, done, delegated, spoke, tokens.at[j].set(pred),
+              logits.at[j].set(lg), p_speak)
 
-    init = (cache, jnp.int32(tok.BOS), jnp.bool_(False), jnp.bool_(False),
-            jnp.full((To,), tok.PAD, jnp.int32), jnp.zeros((To, V), jnp.float32),
-            jnp.float32(1.0))
-    cache, _, _, _, tokens, logits, p_speak = jax.lax.fori_loop(0, To, text_slot, init)
+    no = jnp.bool_(False)
+    init = (cache, jnp.int32(tok.BOS), no, no, no, jnp.full((To,), tok.PAD, jnp.int32),
+            jnp.zeros((To, V), jnp.float32), jnp.float32(1.0))
+    cache, _, _, _, _, tokens, logits, p_speak = jax.lax.fori_loop(0, To, text_slot, init)
     return cache, tokens, logits, p_speak
 
 

@@ -209,13 +209,20 @@ def free_running_probe(setup: Setup, state, data_dir: str, num: int,
                                               speak_threshold=speak_threshold)
 
 
-def delegate_calibration(setup: Setup, state, make_val, num_batches: int) -> dict | None:
+def delegate_calibration(setup: Setup, state, data_dir: str, num_batches: int) -> dict | None:
   """The serving DELEGATE threshold from teacher-forced validation text
   (tml_jax.probe.calibrate_delegate_threshold, at most train.delegate_max_false of the
-  chunks without a target emitting one); None across processes."""
+  chunks away from a target emitting one); None across processes. The rows are the
+  validation conversations cropped as training crops them (train.delegation_crop_share of
+  a delegating conversation's crops hold a DELEGATE): the first 6.4 s that scoring reads
+  hold about one DELEGATE in 24 rows, too few to say what a threshold recalls."""
   if jax.process_count() > 1:
     return None
-  lay = setup.cfg.layout
+  from tml_jax.data import pipeline, tml_duplex
+  config, lay = setup.config, setup.cfg.layout
+  source = tml_duplex.load_split(data_dir, "validation", config.data)
+  loader = pipeline.make_loader(source, config, split="validation", seed=0, shuffle=True,
+                                random_crop=True)
 
   def p_delegate(params, batch):
     out = setup.model(params)(batch)
@@ -226,7 +233,7 @@ def delegate_calibration(setup: Setup, state, make_val, num_batches: int) -> dic
   fn = jax.jit(p_delegate)
   ps, targets, masks = [], [], []
   with jax.set_mesh(setup.mesh):
-    for b in itertools.islice(make_val(), num_batches):
+    for b in itertools.islice(loader, num_batches):
       p, valid = fn(state["params"], shd.to_global(b, setup.batch_sharding))
       target = np.asarray(b["model_text_target"])
       ps.append(np.asarray(p))
@@ -236,7 +243,7 @@ def delegate_calibration(setup: Setup, state, make_val, num_batches: int) -> dic
     return None
   return probe_lib.calibrate_delegate_threshold(
       np.concatenate(ps), np.concatenate(targets), np.concatenate(masks),
-      max_false=float(setup.config.train.get("delegate_max_false", 0.002)))
+      max_false=float(config.train.get("delegate_max_false", 0.002)))
 
 
 def write_threshold(workdir: str, kind: str, step: int, calibration: dict):
@@ -259,7 +266,10 @@ def write_final_report(setup: Setup, state, make_val, workdir: str) -> dict:
   if jax.process_index() != 0:
     return dict(report=dict(validation=val, baselines=base, samples=samples))
   probes = {}
-  dc = delegate_calibration(setup, state, make_val, tc.eval_batches)
+  from tml_jax.data import tml_duplex
+  data_dir = tml_duplex.default_dir(setup.config.data, workdir)
+  dc = delegate_calibration(setup, state, data_dir,
+                            int(tc.get("delegate_calibration_batches", 16)))
   if dc is not None:
     write_threshold(workdir, "delegate", int(state["step"]), dc)
     val.update({f"delegate_calibration_{k}": v for k, v in dc.items() if v is not None})
@@ -269,8 +279,7 @@ def write_final_report(setup: Setup, state, make_val, workdir: str) -> dict:
     write_threshold(workdir, "speak", int(state["step"]), tf["calibration"])
     print("speak-decision probe: running the engine free on validation conversations ...",
           flush=True)
-    from tml_jax.data import tml_duplex
-    fr = free_running_probe(setup, state, tml_duplex.default_dir(setup.config.data, workdir),
+    fr = free_running_probe(setup, state, data_dir,
                             num=int(tc.get("probe_free_running_conversations", 4)),
                             speak_threshold=tf["calibration"]["threshold"])
     if fr is not None:
