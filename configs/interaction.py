@@ -164,10 +164,10 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
       # (a window into the row) or its result's arrival and the answer (same function).
       delegation_crop_share=0.4,
       # The serving DELEGATE threshold (serve.delegate_threshold="auto") is the lowest at
-      # which at most this share of the validation chunks not within 2 of a DELEGATE target
-      # would emit one (tml_jax.probe.calibrate_delegate_threshold): 0.002, one per 100 s,
-      # on this many validation batches cropped as training crops them.
-      delegate_max_false=0.002, delegate_calibration_batches=16,
+      # which at most this share of the chunks the gate lets speak, not within 3 of a
+      # delegation, would emit one, the model running free on this many validation
+      # conversations with a delegation (tml_jax.probe.calibrate_delegate_free_running).
+      delegate_max_false=0.002, delegate_calibration_conversations=6,
       loss_weights=mlc.ConfigDict(dict(text=1.0, audio=1.0, balance=0.01, z=1e-3,
                                        background=1.0, speak=1.0,
                                        # mean CE over the DELEGATE targets of a batch

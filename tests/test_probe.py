@@ -122,6 +122,32 @@ def test_delegate_threshold_bounds_false_delegations(rng):
   assert none["threshold"] == 1.0 and none["recall"] is None
 
 
+def test_free_running_delegate_calibration_scores_gate_open_chunks(rng):
+  """Running free, a chunk counts only when the gate let it speak (the engine emits
+  DELEGATE nowhere else), scored by slot 0's P(DELEGATE); its target is the micro-turn
+  before each corpus delegation's start, within 3 chunks."""
+  import json
+  from types import SimpleNamespace
+  chunk_s, C = 0.2, 60
+  records, runs = [], []
+  for _ in range(3):
+    start = float(rng.integers(10, 50)) * chunk_s + 0.05
+    records.append(dict(user_wav=np.zeros(C * 3200, np.int16),
+                        events_json=json.dumps([dict(kind="delegation", start_s=start),
+                                                dict(kind="user_turn", start_s=0.1)])))
+    spoke = rng.random(C) < 0.4
+    p = rng.uniform(0.0, 0.05, C)
+    p[~spoke] = 0.9  # the gate was shut: must not count
+    c = int(np.floor(start / chunk_s)) - 1
+    spoke[c + 2], p[c + 2] = True, 0.2  # the model delegates 2 chunks late
+    runs.append([SimpleNamespace(spoke=bool(a), p_delegate=float(b)) for a, b in zip(spoke, p)])
+  it = iter(runs)
+  engine = SimpleNamespace(run_wav=lambda wav: dict(records=next(it)))
+  out = probe.calibrate_delegate_free_running(engine, records, chunk_s=chunk_s, max_false=0.0)
+  assert out["targets"] == 3 and out["recall"] == 1.0 and out["false_rate"] == 0.0
+  assert 0.04 < out["threshold"] <= 0.05 + 1e-9 and out["conversations"] == 3
+
+
 def test_reply_window_marks_the_gap_before_a_reply(rng):
   """With a reply `lat` s after the turn end, the chunks whose next chunk starts between
   0.2 s after the end and the reply's start say "speak"; nothing else does."""

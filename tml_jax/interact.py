@@ -32,7 +32,8 @@ def run(workdir: str, input_path: str, out_dir: str, *, config=None, live: bool 
         engine: Engine | None = None, **kw) -> dict:
   """One sample end to end; returns latency figures, words and the written files. Pass an
   `engine` (Engine.from_workdir) to reuse a loaded model across samples."""
-  engine_kw = {k: kw.pop(k) for k in ("temperature", "griffin_lim_iters") if k in kw}
+  engine_kw = {k: kw.pop(k) for k in ("temperature", "griffin_lim_iters", "speak_threshold",
+                                      "delegate_threshold") if k in kw}
   engine = engine or Engine.from_workdir(workdir, config, **engine_kw)
   res = engine.run_file(input_path, out_dir, live=live, **kw)
   return dict(latency=res["latency"], words=res["words"], files=res["files"],
@@ -45,8 +46,9 @@ def main(argv):
   if not (_WORKDIR.value and _INPUT.value and _OUT.value):
     raise app.UsageError("--workdir, --input and --out are required")
   kw = {}
-  if _TEMPERATURE.value is not None:
-    kw["temperature"] = _TEMPERATURE.value
+  for name, flag in (("temperature", _TEMPERATURE), ("delegate_threshold", _DELEGATE_THRESHOLD)):
+    if flag.value is not None:
+      kw[name] = flag.value
   out = run(_WORKDIR.value, _INPUT.value, _OUT.value, config=_CONFIG.value, live=_LIVE.value,
             delegate_at_s=[float(x) for x in _DELEGATE_AT.value], **kw)
   heard = None
@@ -71,6 +73,9 @@ if __name__ == "__main__":
   _LIVE = flags.DEFINE_bool("live", False, "Pace by the wall clock (late input = silence).")
   _TEMPERATURE = flags.DEFINE_float("temperature", None, "Text sampling temperature (0 = greedy).")
   _DELEGATE_AT = flags.DEFINE_list("delegate_at_s", [], "Force delegations at these times (demo).")
+  _DELEGATE_THRESHOLD = flags.DEFINE_float(
+      "delegate_threshold", None, "P(DELEGATE) at which a micro-turn the gate lets speak "
+      "delegates (default: W/delegate_threshold.json, the trainer's calibration; 1 = argmax).")
   _TRANSCRIBE = flags.DEFINE_bool("transcribe", True, "Write OUT/output.json: the ASR of "
                                   "output.wav (pocketsphinx).")
   app.run(main)

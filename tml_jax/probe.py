@@ -18,11 +18,12 @@ the training rows (tml_jax.data.speak_labels); this module measures and draws.
 
 from __future__ import annotations
 
+import json
 
 import numpy as np
 
 from tml_jax import paths
-from tml_jax.data.speak_labels import CONDITIONS, chunk_conditions, voiced_chunks
+from tml_jax.data.speak_labels import CONDITIONS, _text, chunk_conditions, voiced_chunks
 from tml_jax.text import tokenizer as tok
 
 __all__ = ["CONDITIONS", "chunk_conditions", "voiced_chunks", "summarize", "table_md",
@@ -195,7 +196,7 @@ def free_running(engine, records, *, chunk_s: float, max_s: float | None = None)
 
 def calibrate_delegate_threshold(p_del_BCT, target_BCT, mask_BCT, *,
                                  max_false: float = 0.002, lo: float = 0.01,
-                                 tolerance: int = 2) -> dict:
+                                 tolerance: int = 2, speak_BC=None) -> dict:
   """The DELEGATE threshold for serving (serve.delegate_threshold="auto"), from teacher-
   forced validation text: P(DELEGATE) per text slot, its targets and the slots scored.
 
@@ -205,7 +206,9 @@ def calibrate_delegate_threshold(p_del_BCT, target_BCT, mask_BCT, *,
   latency): a target counts as recalled when a chunk that near it reaches the threshold,
   and those chunks are not negatives. The threshold is the lowest at which at most
   `max_false` of the other scored chunks would emit one (never below `lo`: a few hundred
-  chunks cannot vouch for less). Why a threshold at all: DELEGATE is about one text target
+  chunks cannot vouch for less). With `speak_BC` (the speak gate's targets) only chunks
+  where the model speaks next are negatives: the engine lets DELEGATE through the gate
+  alone, and P(DELEGATE) is high while a question is heard, when the gate is shut. Why a threshold at all: DELEGATE is about one text target
   in 2000, so a model that gives it a tenth of the mass where it belongs (CE ~2.3) still
   never emits it by argmax.
   Returns dict(threshold, recall (share of the DELEGATE targets recalled), false_rate,
@@ -220,6 +223,8 @@ def calibrate_delegate_threshold(p_del_BCT, target_BCT, mask_BCT, *,
   for b, c in zip(*np.nonzero(is_del)):
     near[b, max(0, c - tolerance):c + tolerance + 1] = True
   neg = mask.any(-1) & ~near
+  if speak_BC is not None:
+    neg &= np.asarray(speak_BC, bool)
   targets = list(zip(*np.nonzero(is_del)))
   if not targets or not neg.any():
     return dict(threshold=1.0, recall=None, false_rate=None, targets=len(targets),
@@ -231,6 +236,42 @@ def calibrate_delegate_threshold(p_del_BCT, target_BCT, mask_BCT, *,
   return dict(threshold=thr, recall=float(np.mean(np.asarray(best) >= thr)),
               false_rate=float((score[neg] >= thr).mean()), targets=len(targets),
               negative_chunks=int(neg.sum()))
+
+
+def calibrate_delegate_free_running(engine, records, *, chunk_s: float,
+                                    max_false: float = 0.002, tolerance: int = 3) -> dict:
+  """The serving DELEGATE threshold from the model running free (the streaming engine on
+  validation conversations, hearing its own voice, plain decoding): `calibrate_delegate_
+  threshold` over the chunks the gate let speak, each scored by slot 0's P(DELEGATE), with
+  a target at the micro-turn before each corpus delegation's start.
+
+  Why not the teacher-forced text: there the highest P(DELEGATE) of chunks without one
+  (0.3-0.6, while a result or a reminder is spoken) sat far above anything the model gives
+  running free (no gate-open chunk of the test delegations reached 0.1), so a threshold
+  from it never fires. `tolerance` is 3 chunks: running free, the gate opens up to half a
+  second off the corpus' reply.
+  """
+  rows = []
+  for record in records:
+    res = engine.run_wav(np.asarray(record["user_wav"], np.float32) / 32768.0)
+    recs = res["records"]
+    spoke = np.array([r.spoke for r in recs], bool)
+    p = np.where(spoke, [r.p_delegate for r in recs], 0.0)
+    truth = np.zeros(len(recs), bool)
+    for e in json.loads(_text(record["events_json"])):
+      c = int(np.floor(float(e["start_s"]) / chunk_s + 1e-9)) - 1
+      if e["kind"] == "delegation" and 0 <= c < len(recs):
+        truth[c] = True
+    rows.append((p, truth, spoke))
+  C = max(len(r[0]) for r in rows)
+  pad = lambda x, v: np.concatenate([x, np.full(C - len(x), v, x.dtype)])
+  p = np.stack([pad(r[0], 0.0) for r in rows])[..., None]
+  target = np.where(np.stack([pad(r[1], False) for r in rows]), tok.DELEGATE, 0)[..., None]
+  valid = np.stack([pad(np.ones(len(r[0]), bool), False) for r in rows])[..., None]
+  spoke = np.stack([pad(r[2], False) for r in rows])
+  return dict(calibrate_delegate_threshold(p, target, valid, max_false=max_false,
+                                           tolerance=tolerance, speak_BC=spoke),
+              conversations=len(rows), mode="free-running")
 
 
 def max_false_onsets(config) -> float:

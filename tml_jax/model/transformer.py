@@ -303,11 +303,11 @@ class InteractionModel(nnx.Module):
     With the speak gate, P(speak) below `speak_threshold` makes the chunk silent: text EOT
     at slot 0 (then PAD) and the silence floor as mel; the cache still holds the chunk.
     A text slot whose P(DELEGATE) reaches `delegate_threshold` emits DELEGATE (once per
-    chunk, a silent chunk's slot 0 included): a rare token's decision rule, as the gate is
-    speech's (1: plain decoding).
+    chunk, and only where the gate lets the chunk speak): a rare token's decision rule, as
+    the gate is speech's (1: plain decoding).
     Returns (cache, dict(tokens [To], logits [To, V], audio_cond [A, D], mel [F, 80],
-    p_speak [] (1 without a gate), pooled [D]: the chunk's history vector for the
-    background model, model.background.pool_chunk)).
+    p_speak [] (1 without a gate), p_delegate []: slot 0's P(DELEGATE), pooled [D]: the
+    chunk's history vector for the background model, model.background.pool_chunk)).
     """
     lay = self.cfg.layout
     K, P = lay.chunk_len, lay.prefix
@@ -336,6 +336,7 @@ class InteractionModel(nnx.Module):
     cache, tokens, logits, p_speak = self._decode_text(cache, meta_K, base, pos0, forced_T,
                                                        rng, temperature, speak_threshold,
                                                        heard, delegate_threshold)
+    p_delegate = jax.nn.softmax(logits[0].astype(jnp.float32))[tok.DELEGATE]
     A, off_A = lay.model_audio, lay.offset(Segment.MODEL_AUDIO)
     cache, cond = self.extend(cache, emb[Segment.MODEL_AUDIO][:, 0],
                               pos0 + off_A + jnp.arange(A, dtype=jnp.int32)[None],
@@ -344,7 +345,8 @@ class InteractionModel(nnx.Module):
     mel_FM = denormalize_mel(x).reshape(-1, self.cfg.n_mels)
     mel_FM = jnp.where(p_speak >= speak_threshold, mel_FM, LOG_MIN)
     return cache, dict(tokens=tokens, logits=logits, audio_cond=cond[0], mel=mel_FM,
-                       p_speak=p_speak, pooled=pool_chunk(h_obs, q_meta)[0])
+                       p_speak=p_speak, p_delegate=p_delegate,
+                       pooled=pool_chunk(h_obs, q_meta)[0])
 
   def _decode_text(self, cache, meta_K: TokenMeta, base, pos0, forced_T, rng, temperature,
                    speak_threshold, heard_D=None, delegate_threshold=1.0):
@@ -359,7 +361,7 @@ class InteractionModel(nnx.Module):
     seg = self.embed.segment[...].astype(dt)[None, None, int(Segment.MODEL_TEXT)]
 
     def text_slot(j, carry):
-      cache, prev, done, delegated, spoke, tokens, logits, p_speak = carry
+      cache, prev, done, delegated, tokens, logits, p_speak = carry
       inp = jnp.where(forced_T[j] >= 0, forced_T[j], jnp.where(j == 0, tok.BOS, prev))
       x = (self.embed.tokens(jnp.reshape(inp, (1, 1)), dt) + seg).astype(cache.hidden.dtype)
       slot = off_T + j
@@ -373,21 +375,21 @@ class InteractionModel(nnx.Module):
       pred = sample_token(lg, jax.random.fold_in(rng, j), temperature)
       p_del = jax.nn.softmax(lg.astype(jnp.float32))[tok.DELEGATE]
       pred = jnp.where((p_del >= delegate_threshold) & ~delegated, tok.DELEGATE, pred)
-      # The gate rules the chunk's first slot that is not a DELEGATE: a silent micro-turn
-      # may still delegate (then EOT).
-      gated = ~spoke & (p_speak < speak_threshold) & (pred != tok.DELEGATE)
-      pred = jnp.where(gated, tok.EOT, pred)
+      # The gate rules slot 0, DELEGATE included: in the corpus a DELEGATE opens the
+      # acknowledgement, a speech onset. Let through in silent chunks, P(DELEGATE) above
+      # 0.1 fired all through the user's question (it peaks while a question is heard);
+      # behind the gate it fired within a chunk or two of the corpus' own time.
+      pred = jnp.where((j == 0) & (p_speak < speak_threshold), tok.EOT, pred)
       pred = jnp.where(done, tok.PAD, pred)
       done = done | (pred == tok.EOT)
       delegated = delegated | (pred == tok.DELEGATE)
-      spoke = spoke | (pred != tok.DELEGATE)
-      return (cache, pred, done, delegated, spoke, tokens.at[j].set(pred),
-              logits.at[j].set(lg), p_speak)
+      return (cache, pred, done, delegated, tokens.at[j].set(pred), logits.at[j].set(lg),
+              p_speak)
 
     no = jnp.bool_(False)
-    init = (cache, jnp.int32(tok.BOS), no, no, no, jnp.full((To,), tok.PAD, jnp.int32),
+    init = (cache, jnp.int32(tok.BOS), no, no, jnp.full((To,), tok.PAD, jnp.int32),
             jnp.zeros((To, V), jnp.float32), jnp.float32(1.0))
-    cache, _, _, _, _, tokens, logits, p_speak = jax.lax.fori_loop(0, To, text_slot, init)
+    cache, _, _, _, tokens, logits, p_speak = jax.lax.fori_loop(0, To, text_slot, init)
     return cache, tokens, logits, p_speak
 
 

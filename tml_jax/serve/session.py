@@ -38,6 +38,7 @@ class ChunkRecord:
   lag_ms: float = 0.0    # live: how late the step started after its chunk was due
   input_wait_ms: float = 0.0  # live: time spent in the jitter buffer waiting for the input
   spoke: bool = True     # the gate let chunk t speak (its audio plays during chunk t+1)
+  p_delegate: float = 0.0  # slot 0's P(DELEGATE) (serve.delegate_threshold's scale)
 
 
 @dataclasses.dataclass
@@ -142,7 +143,7 @@ class Session:
     self.sink.write(t, self.played, audio)
     record = ChunkRecord(t, (time.perf_counter() - t0) * 1e3, tokens, missing,
                          float(out["p_speak"]), round(lag_ms, 3), round(waited_s * 1e3, 3),
-                         bool(self.speaking))
+                         bool(self.speaking), float(out["p_delegate"]))
     self.records.append(record)
     if delegate or tok.DELEGATE in tokens:
       self._delegate(t, forced=tok.DELEGATE not in tokens)

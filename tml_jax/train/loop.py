@@ -209,40 +209,33 @@ def free_running_probe(setup: Setup, state, data_dir: str, num: int,
                                               speak_threshold=speak_threshold)
 
 
-def delegate_calibration(setup: Setup, state, data_dir: str, num_batches: int) -> dict | None:
-  """The serving DELEGATE threshold from teacher-forced validation text
-  (tml_jax.probe.calibrate_delegate_threshold, at most train.delegate_max_false of the
-  chunks away from a target emitting one); None across processes. The rows are the
-  validation conversations cropped as training crops them (train.delegation_crop_share of
-  a delegating conversation's crops hold a DELEGATE): the first 6.4 s that scoring reads
-  hold about one DELEGATE in 24 rows, too few to say what a threshold recalls."""
-  if jax.process_count() > 1:
+def delegate_calibration(setup: Setup, state, data_dir: str, num: int,
+                         speak_threshold: float) -> dict | None:
+  """The serving DELEGATE threshold, calibrated with the model running free on the first
+  `num` validation conversations that hold a delegation (tml_jax.probe.
+  calibrate_delegate_free_running: at most train.delegate_max_false of the gate-open
+  chunks away from one would emit DELEGATE); None across processes or without any."""
+  if jax.process_count() > 1 or num <= 0:
     return None
-  from tml_jax.data import pipeline, tml_duplex
-  config, lay = setup.config, setup.cfg.layout
+  from tml_jax.data import tml_duplex
+  from tml_jax.serve.engine import Engine
+  from tml_jax.serve.stream import serving_config
+  from tml_jax.train.state import model_from_params, params_abstract
+  config = serving_config(setup.config)
   source = tml_duplex.load_split(data_dir, "validation", config.data)
-  loader = pipeline.make_loader(source, config, split="validation", seed=0, shuffle=True,
-                                random_crop=True)
-
-  def p_delegate(params, batch):
-    out = setup.model(params)(batch)
-    valid = lay.unpack(jnp.asarray(batch["meta"].valid)[..., None], Segment.MODEL_TEXT)
-    p = jax.nn.softmax(out.text_logits.astype(jnp.float32), -1)[..., tok.DELEGATE]
-    return p, valid[:, :, 0, 0]
-
-  fn = jax.jit(p_delegate)
-  ps, targets, masks = [], [], []
-  with jax.set_mesh(setup.mesh):
-    for b in itertools.islice(loader, num_batches):
-      p, valid = fn(state["params"], shd.to_global(b, setup.batch_sharding))
-      target = np.asarray(b["model_text_target"])
-      ps.append(np.asarray(p))
-      targets.append(target)
-      masks.append((target != tok.PAD) & np.asarray(valid)[..., None])
-  if not ps:
+  records = []
+  for i in range(len(source)):
+    if len(records) == num:
+      break
+    if any(e["kind"] == "delegation" for e in json.loads(source[i]["events_json"])):
+      records.append(source[i])
+  if not records:
     return None
-  return probe_lib.calibrate_delegate_threshold(
-      np.concatenate(ps), np.concatenate(targets), np.concatenate(masks),
+  graphdef, abstract = params_abstract(config)
+  engine = Engine(model_from_params(graphdef, abstract, jax.device_get(state["params"])),
+                  config, speak_threshold=speak_threshold, delegate_threshold=1.0)
+  return probe_lib.calibrate_delegate_free_running(
+      engine, records, chunk_s=config.layout.chunk_ms / 1000,
       max_false=float(config.train.get("delegate_max_false", 0.002)))
 
 
@@ -268,11 +261,6 @@ def write_final_report(setup: Setup, state, make_val, workdir: str) -> dict:
   probes = {}
   from tml_jax.data import tml_duplex
   data_dir = tml_duplex.default_dir(setup.config.data, workdir)
-  dc = delegate_calibration(setup, state, data_dir,
-                            int(tc.get("delegate_calibration_batches", 16)))
-  if dc is not None:
-    write_threshold(workdir, "delegate", int(state["step"]), dc)
-    val.update({f"delegate_calibration_{k}": v for k, v in dc.items() if v is not None})
   tf = speak_probe(setup, state, make_val, tc.eval_batches)
   if tf is not None:
     probes["teacher-forced"] = tf
@@ -284,6 +272,13 @@ def write_final_report(setup: Setup, state, make_val, workdir: str) -> dict:
                             speak_threshold=tf["calibration"]["threshold"])
     if fr is not None:
       probes["free-running"] = fr
+  dc = delegate_calibration(
+      setup, state, data_dir, int(tc.get("delegate_calibration_conversations", 6)),
+      tf["calibration"]["threshold"] if tf is not None else 0.5)
+  if dc is not None:
+    write_threshold(workdir, "delegate", int(state["step"]), dc)
+    val.update({f"delegate_calibration_{k}": v for k, v in dc.items()
+                if isinstance(v, (int, float))})
   return report_lib.write_report(
       workdir, variant=setup.config.variant, step=int(state["step"]), validation=val,
       baselines=base, samples=samples, rows=report_lib.read_metrics(workdir), probes=probes)

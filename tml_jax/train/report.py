@@ -79,16 +79,17 @@ def _delegate_rows(val: dict) -> list[str]:
 
 
 def _delegate_calibration_rows(val: dict) -> list[str]:
-  """The serving DELEGATE threshold (W/delegate_threshold.json) and what it does on the
-  same chunks (tml_jax.probe.calibrate_delegate_threshold)."""
+  """The serving DELEGATE threshold (W/delegate_threshold.json) and what it does with the
+  model running free (tml_jax.probe.calibrate_delegate_free_running)."""
   if "delegate_calibration_recall" not in val:
     return []
-  return [f"| DELEGATE threshold calibrated for serving | "
-          f"{val['delegate_calibration_threshold']:.4f} | 1 (plain decoding) |",
-          f"| chunks with a DELEGATE target that reach it (recall) | "
+  n = val.get("delegate_calibration_conversations", 0)
+  return [f"| DELEGATE threshold for serving (running free, {n:.0f} validation "
+          f"conversations) | {val['delegate_calibration_threshold']:.4f} | 1 (plain decoding) |",
+          f"| delegations where the gate-open P(DELEGATE) reaches it within 3 chunks | "
           f"{val['delegate_calibration_recall']:.3f} "
           f"(of {val['delegate_calibration_targets']:.0f}) | 0 |",
-          f"| chunks without one that reach it (false) | "
+          f"| gate-open chunks away from one that reach it (false) | "
           f"{val['delegate_calibration_false_rate']:.4f} "
           f"(of {val['delegate_calibration_negative_chunks']:.0f}) | 0 |"]
 
