@@ -28,7 +28,9 @@ from tml_jax.text import tokenizer as tok
 
 __all__ = ["CONDITIONS", "chunk_conditions", "voiced_chunks", "summarize", "table_md",
            "plot_probe", "teacher_forced", "teacher_forced_probe", "free_running",
-           "free_running_on_validation", "max_false_onsets"]
+           "free_running_on_validation", "engine_from_params", "calibrate_threshold",
+           "calibrate_delegate_threshold", "calibrate_delegate_free_running",
+           "max_false_onsets"]
 # Which way the truth mostly goes, for reading the table (not used in any computation).
 EXPECTED = {"user_speaking": "silent", "pause": "silent", "after_turn_end": "speak",
             "barge_in": "stop", "user_backchannel": "speak"}
@@ -197,8 +199,9 @@ def free_running(engine, records, *, chunk_s: float, max_s: float | None = None)
 def calibrate_delegate_threshold(p_del_BCT, target_BCT, mask_BCT, *,
                                  max_false: float = 0.002, lo: float = 0.01,
                                  tolerance: int = 2, speak_BC=None) -> dict:
-  """The DELEGATE threshold for serving (serve.delegate_threshold="auto"), from teacher-
-  forced validation text: P(DELEGATE) per text slot, its targets and the slots scored.
+  """A DELEGATE threshold for serving (serve.delegate_threshold="auto") from P(DELEGATE)
+  per text slot, its targets and the slots scored (`calibrate_delegate_free_running`
+  feeds it one slot per chunk).
 
   The engine emits DELEGATE at the first slot of a chunk whose P(DELEGATE) reaches the
   threshold, so a chunk counts by its highest scored slot. A delegation `tolerance` chunks
@@ -208,9 +211,9 @@ def calibrate_delegate_threshold(p_del_BCT, target_BCT, mask_BCT, *,
   `max_false` of the other scored chunks would emit one (never below `lo`: a few hundred
   chunks cannot vouch for less). With `speak_BC` (the speak gate's targets) only chunks
   where the model speaks next are negatives: the engine lets DELEGATE through the gate
-  alone, and P(DELEGATE) is high while a question is heard, when the gate is shut. Why a threshold at all: DELEGATE is about one text target
-  in 2000, so a model that gives it a tenth of the mass where it belongs (CE ~2.3) still
-  never emits it by argmax.
+  alone, and P(DELEGATE) is high while a question is heard, when the gate is shut. Why a
+  threshold at all: DELEGATE is about one text target in 2000, so a model that gives it a
+  tenth of the mass where it belongs (CE ~2.3) still never emits it by argmax.
   Returns dict(threshold, recall (share of the DELEGATE targets recalled), false_rate,
   targets, negative_chunks); threshold 1.0 (plain decoding) without targets.
   """
@@ -305,16 +308,21 @@ def free_running_on_validation(config, params, data_dir: str, *, num: int = 4,
   `data_dir`, with a streaming engine built from `params` (a pure dict of the run's
   parameters) under the serving form of `config`."""
   from tml_jax.data import tml_duplex
+  engine = engine_from_params(config, params, speak_threshold=speak_threshold)
+  source = tml_duplex.load_split(data_dir, "validation", config.data)
+  records = [source[i] for i in range(min(num, len(source)))]
+  return free_running(engine, records, chunk_s=config.layout.chunk_ms / 1000, max_s=max_s)
+
+
+def engine_from_params(config, params, **kw):
+  """A streaming engine on `params` (a pure dict of a run's parameters) under the serving
+  form of `config`; kw go to Engine (thresholds)."""
   from tml_jax.serve.engine import Engine
   from tml_jax.serve.stream import serving_config
   from tml_jax.train.state import model_from_params, params_abstract
   config = serving_config(config)
   graphdef, abstract = params_abstract(config)
-  engine = Engine(model_from_params(graphdef, abstract, params), config,
-                  speak_threshold=speak_threshold)
-  source = tml_duplex.load_split(data_dir, "validation", config.data)
-  records = [source[i] for i in range(min(num, len(source)))]
-  return free_running(engine, records, chunk_s=config.layout.chunk_ms / 1000, max_s=max_s)
+  return Engine(model_from_params(graphdef, abstract, params), config, **kw)
 
 
 def main(argv=None):

@@ -353,8 +353,9 @@ class InteractionModel(nnx.Module):
     """The MODEL_TEXT slots, autoregressive. After EOT the training inputs are EOT then PAD
     (the text FIFO), so a free-running decode feeds the same and reports PAD after it.
     DELEGATE is about one text target in 2000, so even where it belongs it seldom wins the
-    argmax: a slot whose P(DELEGATE) reaches `delegate_threshold` (calibrated on validation,
-    tml_jax.probe.calibrate_delegate_threshold) emits it, at most once per chunk.
+    argmax: a slot whose P(DELEGATE) reaches `delegate_threshold` (calibrated running free on
+    validation, tml_jax.probe.calibrate_delegate_free_running) emits it, at most once per
+    chunk.
     Returns (cache, tokens, logits, P(speak) from slot 0)."""
     lay, dt = self.cfg.layout, DTYPES[self.cfg.dtype]
     off_T, To, V = lay.offset(Segment.MODEL_TEXT), lay.model_text, self.cfg.vocab_size

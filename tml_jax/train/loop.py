@@ -28,7 +28,6 @@ import numpy as np
 from tml_jax import paths
 from tml_jax import probe as probe_lib
 from tml_jax.config import validate
-from tml_jax.microturn import Segment
 from tml_jax.model.transformer import count_params
 from tml_jax.text import tokenizer as tok
 from tml_jax.train import report as report_lib
@@ -218,22 +217,19 @@ def delegate_calibration(setup: Setup, state, data_dir: str, num: int,
   if jax.process_count() > 1 or num <= 0:
     return None
   from tml_jax.data import tml_duplex
-  from tml_jax.serve.engine import Engine
-  from tml_jax.serve.stream import serving_config
-  from tml_jax.train.state import model_from_params, params_abstract
-  config = serving_config(setup.config)
+  config = setup.config
   source = tml_duplex.load_split(data_dir, "validation", config.data)
   records = []
   for i in range(len(source)):
     if len(records) == num:
       break
-    if any(e["kind"] == "delegation" for e in json.loads(source[i]["events_json"])):
-      records.append(source[i])
+    record = source[i]
+    if any(e["kind"] == "delegation" for e in json.loads(record["events_json"])):
+      records.append(record)
   if not records:
     return None
-  graphdef, abstract = params_abstract(config)
-  engine = Engine(model_from_params(graphdef, abstract, jax.device_get(state["params"])),
-                  config, speak_threshold=speak_threshold, delegate_threshold=1.0)
+  engine = probe_lib.engine_from_params(config, jax.device_get(state["params"]),
+                                        speak_threshold=speak_threshold, delegate_threshold=1.0)
   return probe_lib.calibrate_delegate_free_running(
       engine, records, chunk_s=config.layout.chunk_ms / 1000,
       max_false=float(config.train.get("delegate_max_false", 0.002)))
@@ -242,7 +238,7 @@ def delegate_calibration(setup: Setup, state, data_dir: str, num: int,
 def write_threshold(workdir: str, kind: str, step: int, calibration: dict):
   """W/{kind}_threshold.json: the threshold the engine serves with when the config says
   serve.{kind}_threshold="auto" (tml_jax.probe.calibrate_threshold / calibrate_delegate_
-  threshold; tml_jax.serve.engine.calibrated_threshold reads it)."""
+  free_running; tml_jax.serve.engine.calibrated_threshold reads it)."""
   paths.write_json(paths.join(workdir, f"{kind}_threshold.json"), dict(calibration, step=step))
   print(f"{kind} threshold calibrated on validation: {calibration['threshold']:.3f} "
         f"({', '.join(f'{k} {v}' for k, v in calibration.items() if k != 'threshold')})",
