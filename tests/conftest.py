@@ -67,3 +67,25 @@ def random_workdir(tmp_path_factory):
   ckpt.manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave(setup.init())))
   ckpt.close()
   return w
+
+
+# The longest tests (minutes each on 2 cores, `--durations`) go first, so that under
+# `pytest -n 2` no worker is left running one of them alone at the end while the other
+# sits idle. Order: longest first; everything else keeps its collection order.
+SLOW_FIRST = (
+    "test_ablate.py::test_smoke_grid_trains_evaluates_tabulates_and_resumes",
+    "test_train.py::test_two_processes_stop_on_budget_report_then_one_restores",
+    "test_plan.py::test_cpu_plan_of_small",
+    "test_train.py::test_two_processes_stop_together_on_sigterm_to_one",
+    "test_train.py::test_mesh_2x2x2_matches_one_device",
+    "test_launch.py::test_tpu_pod_ships_clears_detaches_logs_and_reruns",
+    "test_notebooks.py::test_notebook_runs_top_to_bottom[03_train_and_listen.ipynb]",
+    "test_launch.py::test_gpu_slurm_requeues_on_usr1_and_resumes",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  def rank(item):
+    name = item.nodeid.split("/")[-1]
+    return next((i for i, s in enumerate(SLOW_FIRST) if name.startswith(s)), len(SLOW_FIRST))
+  items.sort(key=rank)  # stable: the rest keep their order

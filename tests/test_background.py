@@ -160,6 +160,16 @@ def test_worker_solve_with_tool_and_timeout():
   assert solve(generate, slow, job).startswith("the tool failed")
   assert any("timed out" in e.get("error", "") for e in job.events)
   hang.set()
+  # A call that never ends (max_len reached, or EOT before SEP) runs nothing, and its text
+  # is not taken for an answer.
+  for end in ([], [tok.EOT]):
+    job = Job(2, 3, 0.8, context=None)
+    ran = []
+    box = ToolBox({"calculator": lambda a, c: ran.append(a) or "x"})
+    answer = solve(lambda *a: [tok.TOOL] + enc("calculator:11 1 111 * 111") + end, box, job)
+    assert answer.startswith("the tool failed: the call did not end") and not ran
+    (err,) = job.events
+    assert err["kind"] == "tool_error" and err["tool"] == "calculator" and not err["ended"]
   # A worker without a background model reports it instead of failing.
   w = BackgroundWorker(None, ToolBox())
   j, outcome = w.submit(0, 0.2, None)

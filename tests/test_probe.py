@@ -148,6 +148,55 @@ def test_free_running_delegate_calibration_scores_gate_open_chunks(rng):
   assert 0.04 < out["threshold"] <= 0.05 + 1e-9 and out["conversations"] == 3
 
 
+def test_background_links_at_forced_delegations(rng):
+  """The background model's links are counted per corpus delegation, from the events of a
+  run with a delegation forced at the micro-turn before each one's start: a call that did
+  not end, a wrong tool, wrong args, a tool error and a wrong answer each miss their link."""
+  from types import SimpleNamespace
+  chunk_s = 0.2
+  want = dict(tool="calculator", args="17 * 23", result_text="17 * 23 = 391")
+  # (written call or None for one that did not end, tool ran, answer) and the links it makes
+  # (ended, tool, args, ran, answer)
+  cases = [(("calculator", "17 * 23"), True, "17 * 23 = 391", (1, 1, 1, 1, 1)),
+           (("calculator", "17 * 23"), True, "17 * 23 = 392", (1, 1, 1, 1, 0)),
+           (("calculator", "11 * 111"), True, "11 * 111 = 1221", (1, 1, 0, 1, 0)),
+           (("clock", "17 * 23"), False, "the tool failed: x", (1, 0, 0, 0, 0)),
+           (None, False, "the tool failed: the call did not end", (0, 0, 0, 0, 0))]
+  order = rng.permutation(len(cases))
+  records, runs, starts = [], [], []
+  for i in order:
+    start = float(rng.integers(10, 50)) * chunk_s + 0.05
+    starts.append(start)
+    records.append(dict(user_wav=np.zeros(60 * 3200, np.int16), events_json=json.dumps(
+        [dict(kind="user_turn", start_s=0.1, end_s=1.0, data={}),
+         dict(kind="delegation", start_s=start, end_s=start + 2, data=want)])))
+    call, ran, answer, _ = cases[i]
+    ev = [dict(kind="delegation", job=0, forced=True, time_s=start)]
+    ev += ([dict(kind="tool_call", job=0, tool=call[0], args=call[1])] if call else
+           [dict(kind="tool_error", job=0, tool="calculator", ended=False, error="no SEP")])
+    if ran:
+      ev.append(dict(kind="tool_result", job=0, tool=call[0], result=answer))
+    elif call:
+      ev.append(dict(kind="tool_error", job=0, tool=call[0], error="bad args"))
+    ev.append(dict(kind="background_result", job=0, text=answer))
+    runs.append(ev)
+  seen = []
+  it = iter(runs)
+
+  def run_wav(wav, delegate_at_s=()):
+    seen.append(list(delegate_at_s))
+    return dict(events=next(it))
+
+  out = probe.background_at_delegations(SimpleNamespace(run_wav=run_wav), records,
+                                        chunk_s=chunk_s)
+  for at, start in zip(seen, starts):  # forced at the micro-turn before the start
+    assert at == [pytest.approx((np.floor(start / chunk_s) - 1) * chunk_s)]
+  assert out["n"] == 5
+  for k, link in enumerate(("ended", "tool", "args", "ran", "answer")):
+    assert out[link] == sum(c[3][k] for c in cases), (link, out)
+  assert len(out["calls"]) == 4 and out["calls"][0][0] == "calculator:17 * 23"
+
+
 def test_reply_window_marks_the_gap_before_a_reply(rng):
   """With a reply `lat` s after the turn end, the chunks whose next chunk starts between
   0.2 s after the end and the reply's start say "speak"; nothing else does."""

@@ -30,7 +30,7 @@ __all__ = ["CONDITIONS", "chunk_conditions", "voiced_chunks", "summarize", "tabl
            "plot_probe", "teacher_forced", "teacher_forced_probe", "free_running",
            "free_running_on_validation", "engine_from_params", "calibrate_threshold",
            "calibrate_delegate_threshold", "calibrate_delegate_free_running",
-           "max_false_onsets"]
+           "background_at_delegations", "max_false_onsets"]
 # Which way the truth mostly goes, for reading the table (not used in any computation).
 EXPECTED = {"user_speaking": "silent", "pause": "silent", "after_turn_end": "speak",
             "barge_in": "stop", "user_backchannel": "speak"}
@@ -275,6 +275,50 @@ def calibrate_delegate_free_running(engine, records, *, chunk_s: float,
   return dict(calibrate_delegate_threshold(p, target, valid, max_false=max_false,
                                            tolerance=tolerance, speak_BC=spoke),
               conversations=len(rows), mode="free-running")
+
+
+def background_at_delegations(engine, records, *, chunk_s: float) -> dict:
+  """The second link of the delegation chain on its own: each record runs through the
+  streaming engine with a delegation forced at the micro-turn of each corpus delegation
+  (Engine.run_wav `delegate_at_s`), so the background model reads the context it would get
+  had the interaction model delegated on time. Its call is compared with the corpus':
+
+    ended       the call ended with SEP (else: the worker's "did not end" tool error)
+    tool        the tool named is the corpus' tool
+    args        ... and its args are the corpus' args, exactly
+    ran         the tool ran without error
+    answer      the background answer is the corpus' result text, exactly
+
+  Returns counts per link, `n`, and the first calls as (expected, written) for the report.
+  """
+  counts = dict(n=0, ended=0, tool=0, args=0, ran=0, answer=0)
+  calls = []
+  for record in records:
+    wanted = [e for e in json.loads(_text(record["events_json"])) if e["kind"] == "delegation"]
+    at = [max(0, int(np.floor(float(e["start_s"]) / chunk_s + 1e-9)) - 1) * chunk_s
+          for e in wanted]
+    res = engine.run_wav(np.asarray(record["user_wav"], np.float32) / 32768.0,
+                         delegate_at_s=at)
+    events = res["events"]
+    jobs = [e["job"] for e in events if e["kind"] == "delegation" and e.get("forced")]
+    for want, job in zip(wanted, jobs):
+      mine = [e for e in events if e.get("job") == job]
+      first = lambda kind: next((e for e in mine if e["kind"] == kind), None)
+      call, error, result = first("tool_call"), first("tool_error"), first("background_result")
+      data = want.get("data", {})
+      counts["n"] += 1
+      counts["ended"] += not (error and error.get("ended") is False)
+      counts["tool"] += bool(call and call["tool"] == data.get("tool"))
+      counts["args"] += bool(call and call["tool"] == data.get("tool")
+                             and call["args"].strip() == str(data.get("args", "")).strip())
+      counts["ran"] += bool(first("tool_result"))
+      counts["answer"] += bool(result and result["text"].strip()
+                               == str(data.get("result_text", "")).strip())
+      if len(calls) < 4:
+        calls.append((f"{data.get('tool')}:{data.get('args')}",
+                      f"{call['tool']}:{call['args']}" if call else
+                      (error or {}).get("error", "no call")))
+  return dict(counts, calls=calls)
 
 
 def max_false_onsets(config) -> float:

@@ -94,7 +94,16 @@ def solve(generate: Callable, tools: ToolBox, job: Job) -> str:
   enc, dec = tok.ByteTokenizer().encode, tok.ByteTokenizer().decode
   seq = [tok.BOS]
   seq += generate(job.context, seq, (tok.SEP, tok.EOT), job.chunk)
-  if len(seq) > 1 and seq[1] == tok.TOOL and seq[-1] == tok.SEP:
+  if len(seq) > 1 and seq[1] == tok.TOOL and seq[-1] != tok.SEP:
+    # A call that runs to max_len or ends with EOT: nothing can run, and its text is not
+    # an answer (it used to come back as one, garbled call and all).
+    text = dec([t for t in seq[2:] if t < 256])
+    name = text.partition(":")[0]
+    error = (f"the call did not end: no SEP within {len(seq) - 2} tokens ({text[:60]!r})")
+    job.events.append(dict(kind="tool_error", tool=name, error=error, ended=False,
+                           at_s=tools.ctx.now_s()))
+    return f"the tool failed: {error}"
+  if len(seq) > 1 and seq[1] == tok.TOOL:
     name, _, args = dec(seq[2:-1]).partition(":")
     job.events.append(dict(kind="tool_call", tool=name, args=args, at_s=tools.ctx.now_s()))
     try:

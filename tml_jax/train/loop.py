@@ -165,9 +165,7 @@ def baselines(make_val, num_batches: int, speech_only: bool = False) -> dict:
 def decoded_samples(setup: Setup, state, make_val, max_lines: int = 24) -> list[str]:
   """Teacher-forced greedy text predictions next to the targets, chunk by chunk."""
   batch = next(iter(make_val()))
-  logits = jax.jit(lambda params, b: setup.model(params)(b).text_logits)
-  with jax.set_mesh(setup.mesh):
-    out = logits(state["params"], shd.to_global(batch, setup.batch_sharding))
+  out, _ = setup.logits(state["params"], shd.to_global(batch, setup.batch_sharding))
   # The first local example lives on this process's first shard (batch is sharded by process).
   pred = np.asarray(jnp.argmax(out.addressable_data(0), -1))[0]
   target = np.asarray(batch["model_text_target"])[0]
@@ -189,12 +187,10 @@ def speak_probe(setup: Setup, state, make_val, num_batches: int) -> dict | None:
   when the model has no speak gate or the batch spans processes."""
   if not setup.cfg.speak_gate or jax.process_count() > 1:
     return None
-  logits = jax.jit(lambda params, b: setup.model(params)(b).speak_logits)
-  with jax.set_mesh(setup.mesh):
-    return probe_lib.teacher_forced_probe(
-        lambda b: logits(state["params"], shd.to_global(b, setup.batch_sharding)),
-        itertools.islice(make_val(), num_batches),
-        max_false_onsets=probe_lib.max_false_onsets(setup.config))
+  return probe_lib.teacher_forced_probe(
+      lambda b: setup.logits(state["params"], shd.to_global(b, setup.batch_sharding))[1],
+      itertools.islice(make_val(), num_batches),
+      max_false_onsets=probe_lib.max_false_onsets(setup.config))
 
 
 def free_running_probe(setup: Setup, state, data_dir: str, num: int,
@@ -209,11 +205,15 @@ def free_running_probe(setup: Setup, state, data_dir: str, num: int,
 
 
 def delegate_calibration(setup: Setup, state, data_dir: str, num: int,
-                         speak_threshold: float) -> dict | None:
-  """The serving DELEGATE threshold, calibrated with the model running free on the first
-  `num` validation conversations that hold a delegation (tml_jax.probe.
-  calibrate_delegate_free_running: at most train.delegate_max_false of the gate-open
-  chunks away from one would emit DELEGATE); None across processes or without any."""
+                         speak_threshold: float) -> tuple[dict, dict] | None:
+  """(the serving DELEGATE threshold, the background model's links), with the model running
+  free on the first `num` validation conversations that hold a delegation; None across
+  processes or without any.
+
+  The threshold: tml_jax.probe.calibrate_delegate_free_running (at most
+  train.delegate_max_false of the gate-open chunks away from a delegation would emit
+  DELEGATE). The links: tml_jax.probe.background_at_delegations (delegations forced on
+  time; is the call, the tool run and the answer right?)."""
   if jax.process_count() > 1 or num <= 0:
     return None
   from tml_jax.data import tml_duplex
@@ -230,9 +230,11 @@ def delegate_calibration(setup: Setup, state, data_dir: str, num: int,
     return None
   engine = probe_lib.engine_from_params(config, jax.device_get(state["params"]),
                                         speak_threshold=speak_threshold, delegate_threshold=1.0)
-  return probe_lib.calibrate_delegate_free_running(
-      engine, records, chunk_s=config.layout.chunk_ms / 1000,
+  chunk_s = config.layout.chunk_ms / 1000
+  threshold = probe_lib.calibrate_delegate_free_running(
+      engine, records, chunk_s=chunk_s,
       max_false=float(config.train.get("delegate_max_false", 0.002)))
+  return threshold, probe_lib.background_at_delegations(engine, records, chunk_s=chunk_s)
 
 
 def write_threshold(workdir: str, kind: str, step: int, calibration: dict):
@@ -272,9 +274,14 @@ def write_final_report(setup: Setup, state, make_val, workdir: str) -> dict:
       setup, state, data_dir, int(tc.get("delegate_calibration_conversations", 6)),
       tf["calibration"]["threshold"] if tf is not None else 0.5)
   if dc is not None:
+    dc, links = dc
     write_threshold(workdir, "delegate", int(state["step"]), dc)
     val.update({f"delegate_calibration_{k}": v for k, v in dc.items()
                 if isinstance(v, (int, float))})
+    val.update({f"background_link_{k}": v for k, v in links.items() if k != "calls"})
+    print("background model, delegations forced on time: " + ", ".join(
+        f"{k} {v}" for k, v in links.items() if k != "calls")
+        + "".join(f"\n  expected {a!r:40} wrote {b!r}" for a, b in links["calls"]), flush=True)
   return report_lib.write_report(
       workdir, variant=setup.config.variant, step=int(state["step"]), validation=val,
       baselines=base, samples=samples, rows=report_lib.read_metrics(workdir), probes=probes)

@@ -91,7 +91,21 @@ def _delegate_calibration_rows(val: dict) -> list[str]:
           f"(of {val['delegate_calibration_targets']:.0f}) | 0 |",
           f"| gate-open chunks away from one that reach it (false) | "
           f"{val['delegate_calibration_false_rate']:.4f} "
-          f"(of {val['delegate_calibration_negative_chunks']:.0f}) | 0 |"]
+          f"(of {val['delegate_calibration_negative_chunks']:.0f}) | 0 |",
+          *_background_link_rows(val)]
+
+
+def _background_link_rows(val: dict) -> list[str]:
+  """The background model with delegations forced on time (tml_jax.probe.
+  background_at_delegations): how far down the chain its calls get."""
+  n = val.get("background_link_n", 0)
+  if not n:
+    return []
+  said = {"ended": "calls that end (SEP)", "tool": "calls naming the corpus' tool",
+          "args": "... with the corpus' args, exactly", "ran": "tool ran without error",
+          "answer": "background answer is the corpus' result, exactly"}
+  return [f"| background model, delegations forced on time: {what} | "
+          f"{val[f'background_link_{k}']:.0f} of {n:.0f} | 0 |" for k, what in said.items()]
 
 
 def probe_markdown(probes: dict, png: str | None) -> list[str]:

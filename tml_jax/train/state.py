@@ -140,6 +140,11 @@ class Setup:
                                    donate_argnums=(0,))
     self._eval_step_jit = jax.jit(functools.partial(eval_step, setup=self),
                                   in_shardings=step_in, out_shardings=shd.replicated(mesh))
+    # The teacher-forced text and speak logits of a batch (the report's decoded samples and
+    # the speak-decision probe): one program, compiled once per run, not once per use.
+    self._logits_jit = jax.jit(
+        lambda params, batch: (lambda o: (o.text_logits, o.speak_logits))(
+            self.model(params)(batch)))
 
   # The jitted steps trace under the run's mesh, so layers can see it (the MoE dispatches
   # tokens by all-to-all when the mesh has an 'expert' axis > 1).
@@ -154,6 +159,11 @@ class Setup:
   def eval_step(self, state, batch, rng):
     with jax.set_mesh(self.mesh):
       return self._eval_step_jit(state, batch, rng)
+
+  def logits(self, params, batch):
+    """(text logits, speak logits or None) of a global batch, teacher-forced."""
+    with jax.set_mesh(self.mesh):
+      return self._logits_jit(params, batch)
 
   def _init(self):
     model = InteractionModel(self.cfg, rngs=nnx.Rngs(self.config.seed))
