@@ -171,13 +171,23 @@ def calibrate_threshold(p_N, truth_N, now_N, valid_N, cond_N=None, *,
               silent_chunks=int(stay.sum()))
 
 
+def _mic(record) -> np.ndarray:
+  """A corpus record's microphone channel as float audio for the engine."""
+  return np.asarray(record["user_wav"], np.float32) / 32768.0
+
+
+def _delegation_chunk(event: dict, chunk_s: float) -> int:
+  """The micro-turn that should emit a corpus delegation: the one before its start."""
+  return int(np.floor(float(event["start_s"]) / chunk_s + 1e-9)) - 1
+
+
 def free_running(engine, records, *, chunk_s: float, max_s: float | None = None) -> dict:
   """The probe with the model hearing its own generated audio as SELF_AUDIO: each record's
   microphone channel goes through the streaming engine (offline clock), and each chunk's
   P(speak) is compared with what the corpus' model channel did then."""
   ps, ys, cs, nows = [], [], [], []
   for record in records:
-    wav = np.asarray(record["user_wav"], np.float32) / 32768.0
+    wav = _mic(record)
     if max_s:
       wav = wav[:int(max_s * 16000)]
     res = engine.run_wav(wav)
@@ -256,13 +266,13 @@ def calibrate_delegate_free_running(engine, records, *, chunk_s: float,
   """
   rows = []
   for record in records:
-    res = engine.run_wav(np.asarray(record["user_wav"], np.float32) / 32768.0)
+    res = engine.run_wav(_mic(record))
     recs = res["records"]
     spoke = np.array([r.spoke for r in recs], bool)
     p = np.where(spoke, [r.p_delegate for r in recs], 0.0)
     truth = np.zeros(len(recs), bool)
     for e in json.loads(_text(record["events_json"])):
-      c = int(np.floor(float(e["start_s"]) / chunk_s + 1e-9)) - 1
+      c = _delegation_chunk(e, chunk_s)
       if e["kind"] == "delegation" and 0 <= c < len(recs):
         truth[c] = True
     rows.append((p, truth, spoke))
@@ -295,10 +305,8 @@ def background_at_delegations(engine, records, *, chunk_s: float) -> dict:
   calls = []
   for record in records:
     wanted = [e for e in json.loads(_text(record["events_json"])) if e["kind"] == "delegation"]
-    at = [max(0, int(np.floor(float(e["start_s"]) / chunk_s + 1e-9)) - 1) * chunk_s
-          for e in wanted]
-    res = engine.run_wav(np.asarray(record["user_wav"], np.float32) / 32768.0,
-                         delegate_at_s=at)
+    at = [max(0, _delegation_chunk(e, chunk_s)) * chunk_s for e in wanted]
+    res = engine.run_wav(_mic(record), delegate_at_s=at)
     events = res["events"]
     jobs = [e["job"] for e in events if e["kind"] == "delegation" and e.get("forced")]
     for want, job in zip(wanted, jobs):
@@ -308,9 +316,9 @@ def background_at_delegations(engine, records, *, chunk_s: float) -> dict:
       data = want.get("data", {})
       counts["n"] += 1
       counts["ended"] += not (error and error.get("ended") is False)
-      counts["tool"] += bool(call and call["tool"] == data.get("tool"))
-      counts["args"] += bool(call and call["tool"] == data.get("tool")
-                             and call["args"].strip() == str(data.get("args", "")).strip())
+      named = bool(call and call["tool"] == data.get("tool"))
+      counts["tool"] += named
+      counts["args"] += named and call["args"].strip() == str(data.get("args", "")).strip()
       counts["ran"] += bool(first("tool_result"))
       counts["answer"] += bool(result and result["text"].strip()
                                == str(data.get("result_text", "")).strip())

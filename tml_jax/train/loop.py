@@ -278,10 +278,11 @@ def write_final_report(setup: Setup, state, make_val, workdir: str) -> dict:
     write_threshold(workdir, "delegate", int(state["step"]), dc)
     val.update({f"delegate_calibration_{k}": v for k, v in dc.items()
                 if isinstance(v, (int, float))})
-    val.update({f"background_link_{k}": v for k, v in links.items() if k != "calls"})
-    print("background model, delegations forced on time: " + ", ".join(
-        f"{k} {v}" for k, v in links.items() if k != "calls")
-        + "".join(f"\n  expected {a!r:40} wrote {b!r}" for a, b in links["calls"]), flush=True)
+    calls = links.pop("calls")
+    val.update({f"background_link_{k}": v for k, v in links.items()})
+    print("background model, delegations forced on time: "
+          + ", ".join(f"{k} {v}" for k, v in links.items())
+          + "".join(f"\n  expected {a!r:40} wrote {b!r}" for a, b in calls), flush=True)
   return report_lib.write_report(
       workdir, variant=setup.config.variant, step=int(state["step"]), validation=val,
       baselines=base, samples=samples, rows=report_lib.read_metrics(workdir), probes=probes)

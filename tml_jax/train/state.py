@@ -142,9 +142,10 @@ class Setup:
                                   in_shardings=step_in, out_shardings=shd.replicated(mesh))
     # The teacher-forced text and speak logits of a batch (the report's decoded samples and
     # the speak-decision probe): one program, compiled once per run, not once per use.
-    self._logits_jit = jax.jit(
-        lambda params, batch: (lambda o: (o.text_logits, o.speak_logits))(
-            self.model(params)(batch)))
+    def logits(params, batch):
+      out = self.model(params)(batch)
+      return out.text_logits, out.speak_logits
+    self._logits_jit = jax.jit(logits)
 
   # The jitted steps trace under the run's mesh, so layers can see it (the MoE dispatches
   # tokens by all-to-all when the mesh has an 'expert' axis > 1).
