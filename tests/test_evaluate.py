@@ -54,6 +54,18 @@ def test_interruption_uses_words_after_the_barge_in_and_stop_s():
   assert not metrics.stop_time([(1.0, 2.0)], 2.0, 9.0)["speaking"]
 
 
+def test_interruption_goal_share_counts_a_quick_stop_and_an_answer():
+  from tml_jax.eval import report
+  ms = [dict(takeover=True, speaking=False),                                # silent already
+        dict(takeover=True, speaking=True, stop_s=0.3, censored=False),     # yields, answers
+        dict(takeover=True, speaking=True, stop_s=0.7, censored=False),     # too slow
+        dict(takeover=False, speaking=True, stop_s=0.2, censored=False),    # yields, no answer
+        dict(takeover=True, speaking=True, stop_s=0.4, censored=True)]      # never stops
+  out = report.summarise("user_interruption", ms)
+  assert out["yield_then_answer_rate"] == pytest.approx(2 / 5)
+  assert out["stop_s"] == pytest.approx((0.3 + 0.7 + 0.2 + 0.4) / 4)
+
+
 def test_words_past_the_clip_end_are_dropped():
   out = {"chunks": [{"text": "b", "timestamp": [2.0, 2.5]}, {"text": " ", "timestamp": [0, 1]},
                     {"text": "x", "timestamp": [None, None]},

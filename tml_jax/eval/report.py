@@ -46,6 +46,7 @@ SUBSTITUTES = {
                       "expects (stay silent / keep talking / stop then respond)",
 }
 V1 = ("turn_taking", "pause_handling", "user_interruption", "backchannel")
+YIELD_S = 0.5  # "stops within 0.5 s of the barge-in": the interruption goal
 TEXT_MARK, REF_MARK = "†", "‡"
 
 
@@ -81,6 +82,12 @@ def summarise(kind: str, ms: list[dict]) -> dict:
     out["stop_s"] = mean(m["stop_s"] for m in speaking)
     out["n_speaking_at_barge_in"] = len(speaking)
     out["n_never_stopped"] = sum(bool(m.get("censored")) for m in speaking)
+    # The interactivity goal (ours, not FDB's): silent within YIELD_S of the barge-in's
+    # start, or not speaking when it came, and then taking the turn.
+    out["yield_then_answer_rate"] = _rate(
+        bool(m.get("takeover")) and (not m.get("speaking") or (
+            m.get("stop_s") is not None and m["stop_s"] <= YIELD_S and not m.get("censored")))
+        for m in ms)
   if kind == "backchannel":
     out["freq"] = mean(col("freq"))
     out["jsd"] = mean(col("jsd"))
@@ -224,6 +231,8 @@ ROWS = (
     ("interruption TOR", "user_interruption", "tor", "higher"),
     ("interruption latency (s)", "user_interruption", "latency_s", "lower"),
     ("interruption stop_s (s)", "user_interruption", "stop_s", "lower"),
+    ("interruption: silent within 0.5 s, then answers", "user_interruption",
+     "yield_then_answer_rate", "higher"),
 )
 V15_ROWS = (("stop latency (s)", "stop_latency_s", "lower"),
             ("response latency (s)", "response_latency_s", ""),
