@@ -3,6 +3,14 @@ import os
 # Tests are CPU-only and must not grab every core of a shared machine for threads.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# The suite compiles hundreds of programs and runs each for a few steps: without LLVM's
+# optimisation passes XLA:CPU compiles them about a fifth faster (tests/test_engine.py and
+# test_evaluate.py: 169 s -> 133 s on 2 cores) and runs them slower, a trade that only
+# pays in tests. The HLO, and with it the buffers and memory the plans assert on, is the
+# same. Subprocesses that set XLA_FLAGS of their own (device counts) prepend these.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
+
 import tempfile  # noqa: E402
 
 import jax  # noqa: E402
@@ -15,11 +23,13 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # Subprocesses (trainers, launchers, ablations, notebook kernels) compile the same smoke
 # programs again and again: one persistent compilation cache for the test session (xdist
-# workers share their parent's pid). In-process tests do not use it.
-JIT_CACHE_ENV = dict(
-    JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(),
-                                           f"tml_jax_test_jit_{os.getppid()}"),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+# workers share their parent's pid). The workers use it too, for programs that take a
+# second or more to compile (a module's fixtures run on both workers under `-n 2`).
+JIT_CACHE_DIR = os.path.join(tempfile.gettempdir(), f"tml_jax_test_jit_{os.getppid()}")
+JIT_CACHE_ENV = dict(JAX_COMPILATION_CACHE_DIR=JIT_CACHE_DIR,
+                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+jax.config.update("jax_compilation_cache_dir", JIT_CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 @pytest.fixture

@@ -232,7 +232,8 @@ def test_reminders_go_through_the_clock_tools_and_fire_as_text_in(rng):
     spoken = c.events_of("reminder_due")
     assert len(spoken) == len(fired)
     for (t, _), e in zip(fired, spoken):
-      assert 0.2 <= e.start_s - t <= 0.4, (c.id, t, e)
+      # the next micro-turn, 0.2-0.35 s on; times are rounded to the millisecond
+      assert 0.2 - 1e-3 <= e.start_s - t <= 0.4, (c.id, t, e)
       assert rms(c.model_wav, e.start_s, e.end_s) > 0.02
       words = " ".join(w.text for w in c.words_of("model") if e.start_s - 1e-3 <= w.start_s
                        <= e.end_s).lower()

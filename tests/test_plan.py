@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TEST_XLA_FLAGS
 
 from tml_jax.plan import hlo, topology
 
@@ -83,8 +84,7 @@ def test_collectives_and_largest_values_from_hlo():
 
 def _plan(tmp_path, *extra):
   out = tmp_path / "plan.json"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["JAX_PLATFORMS"] = "cpu"
+  env = dict(os.environ, XLA_FLAGS=TEST_XLA_FLAGS, JAX_PLATFORMS="cpu")
   p = subprocess.run([sys.executable, "-m", "tml_jax.plan", "--config=configs/interaction.py:small",
                       "--topology=cpu-8", f"--out={out}", *extra], cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=900)

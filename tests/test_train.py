@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import JIT_CACHE_ENV
+from conftest import JIT_CACHE_ENV, TEST_XLA_FLAGS
 
 from configs.interaction import get_config
 
@@ -43,6 +44,7 @@ TRAINER = textwrap.dedent("""
 def _env(**extra):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **JIT_CACHE_ENV, **extra)
+  env["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} {extra.get('XLA_FLAGS', '')}".strip()
   return env
 
 
@@ -80,9 +82,11 @@ def wait_for(pred, timeout, what):
 
 @pytest.fixture(scope="module")
 def reference_run(smoke_corpus, tmp_path_factory):
+  """8 uninterrupted steps, the run the others are compared with. Its workdir is given as a
+  file:// URL (test_file_url_workdir_is_the_local_folder); the tests get the local path."""
   _, overrides = smoke_corpus
-  workdir = str(tmp_path_factory.mktemp("ref"))
-  run_train(workdir, overrides, "--config.train.num_steps=8")
+  workdir = str(tmp_path_factory.mktemp("ref") / "url run")
+  run_train(f"file://{workdir}", overrides, "--config.train.num_steps=8")
   return workdir
 
 
@@ -118,7 +122,8 @@ def test_corrupt_latest_checkpoint_falls_back(smoke_corpus, reference_run, tmp_p
     for name in files:
       with open(os.path.join(root, name), "r+b") as f:
         f.truncate(max(os.path.getsize(f.name) // 3, 1))
-  p = run_train(workdir, overrides, f"--config.train.num_steps={latest + 2}")
+  # A resume given the workdir as a file:// URL (test_file_url_workdir_is_the_local_folder).
+  p = run_train(f"file://{workdir}", overrides, f"--config.train.num_steps={latest + 2}")
   out = p.stdout + p.stderr
   assert f"latest checkpoint step {latest} is damaged" in out and f"using step {previous}" in out
   assert os.path.isdir(os.path.join(workdir, "checkpoints_corrupt", str(latest)))
@@ -174,19 +179,16 @@ def test_injected_nan_stops_with_a_checkpoint(smoke_corpus, tmp_path):
   assert max(losses(workdir)) == 4  # nothing logged after the bad step
 
 
-def test_file_url_workdir_is_the_local_folder(smoke_corpus, tmp_path):
+def test_file_url_workdir_is_the_local_folder(reference_run):
   """--workdir=file:///abs/run: orbax, TensorBoard, metrics and config all land in /abs/run,
-  and no `file:` folder appears where the trainer runs (tests/test_paths.py: gs://)."""
-  _, overrides = smoke_corpus
-  workdir = tmp_path / "url run"
-  run_train(f"file://{workdir}", overrides, "--config.train.num_steps=3")
-  assert (workdir / "checkpoints" / "3").is_dir()
+  and no `file:` folder appears where the trainer runs (tests/test_paths.py: gs://). A
+  resume from such a URL: test_corrupt_latest_checkpoint_falls_back."""
+  workdir = pathlib.Path(reference_run)
+  assert (workdir / "checkpoints" / "6").is_dir() and (workdir / "checkpoints" / "8").is_dir()
   assert json.loads((workdir / "config.json").read_text())["variant"] == "tiny"
-  assert max(losses(str(workdir))) == 3
+  assert max(losses(str(workdir))) == 8
   assert any(n.startswith("events.out.tfevents") for n in os.listdir(workdir))
   assert not os.path.exists(os.path.join(ROOT, "file:"))
-  p = run_train(f"file://{workdir}", overrides, "--config.train.num_steps=4")
-  assert "resumed from step 3" in p.stdout
 
 
 def _start_two_processes(workdir, overrides, *extra):
@@ -256,7 +258,11 @@ def test_two_processes_stop_on_budget_report_then_one_restores(smoke_corpus, tmp
   workdir = str(tmp_path / "mp")
   p = subprocess.run(["bash", "launch/local.sh", "2", *BASE, *overrides,
                       "--config.train.num_steps=200", "--config.train.checkpoint_every=1000",
-                      "--config.train.time_budget_s=6", f"--workdir={workdir}"],
+                      "--config.train.time_budget_s=6", f"--workdir={workdir}",
+                      # The engine-driven parts of the report run on process 0 alone and are
+                      # tested in tests/test_probe.py; here they would only add a minute.
+                      "--config.train.probe_free_running_conversations=0",
+                      "--config.train.delegate_calibration_conversations=0"],
                      cwd=ROOT, env=_env(PYTHON=sys.executable), capture_output=True, text=True,
                      timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
