@@ -119,6 +119,12 @@ def stop_time(segs: list[Seg], t: float, clip_end_s: float, *, tol_s: float = 0.
           "censored": bool(seg[1] >= clip_end_s - tol_s)}
 
 
+def stopped_within(stop: dict, limit_s: float) -> bool:
+  """A stop_time result: silent within limit_s of t, or not sounding at t at all."""
+  return not stop.get("speaking") or (
+      stop.get("stop_s") is not None and stop["stop_s"] <= limit_s and not stop.get("censored"))
+
+
 def interruption(words_after: list[Word], segs: list[Seg], start_s: float, end_s: float,
                  clip_end_s: float) -> dict:
   """FDB eval_user_interruption.py L91-112 on the words after the barge-in end (the
@@ -272,8 +278,7 @@ def timing_behaviour_ok(segs: list[Seg], overlap: Seg, clip_end_s: float,
     return _sounding(segs, a, b) >= 0.5 * max(b - a, 1e-6)
   if expected == "stop_then_respond":
     stop = stop_time(segs, a, clip_end_s)
-    stopped = not stop["speaking"] or (stop["stop_s"] <= 1.0 and not stop["censored"])
-    return stopped and any(s >= b - EPS_S for s, _ in segs)
+    return stopped_within(stop, 1.0) and any(s >= b - EPS_S for s, _ in segs)
   return None
 
 

@@ -26,7 +26,7 @@ import os
 
 import numpy as np
 
-from tml_jax.eval.metrics import mean
+from tml_jax.eval.metrics import mean, stopped_within
 
 REFERENCE = {
     "turn_taking_latency_s": 0.40, "fd_bench_v1_5_interaction_quality": 77.8,
@@ -85,9 +85,7 @@ def summarise(kind: str, ms: list[dict]) -> dict:
     # The interactivity goal (ours, not FDB's): silent within YIELD_S of the barge-in's
     # start, or not speaking when it came, and then taking the turn.
     out["yield_then_answer_rate"] = _rate(
-        bool(m.get("takeover")) and (not m.get("speaking") or (
-            m.get("stop_s") is not None and m["stop_s"] <= YIELD_S and not m.get("censored")))
-        for m in ms)
+        bool(m.get("takeover")) and stopped_within(m, YIELD_S) for m in ms)
   if kind == "backchannel":
     out["freq"] = mean(col("freq"))
     out["jsd"] = mean(col("jsd"))
