@@ -11,6 +11,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
 
+import fcntl  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 import jax  # noqa: E402
@@ -26,8 +28,14 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # workers share their parent's pid). The workers use it too, for programs that take a
 # second or more to compile (a module's fixtures run on both workers under `-n 2`).
 JIT_CACHE_DIR = os.path.join(tempfile.gettempdir(), f"tml_jax_test_jit_{os.getppid()}")
+# Every process of a multi-process subprocess writes its own entries (process 1 would
+# otherwise recompile in every two-process test): tests/jit_cache_every_process.
+_EVERY_PROCESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jit_cache_every_process")
 JIT_CACHE_ENV = dict(JAX_COMPILATION_CACHE_DIR=JIT_CACHE_DIR,
-                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                     TML_TEST_JIT_CACHE_EVERY_PROCESS="1",
+                     PYTHONPATH=os.pathsep.join(
+                         p for p in (_EVERY_PROCESS, os.environ.get("PYTHONPATH")) if p))
 jax.config.update("jax_compilation_cache_dir", JIT_CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
@@ -41,17 +49,40 @@ def rng(request):
   return np.random.default_rng(seed)
 
 
+def built_once(tmp_path_factory, name: str, build) -> str:
+  """A folder that `build(folder)` fills once per test session and that every pytest-xdist
+  worker reads: a module fixture runs on each worker whose tests need it, and a trained run
+  or an evaluated export costs ~30 s. The first worker to ask builds it under a lock; the
+  others wait for it. Tests must not change what is in it."""
+  base = tmp_path_factory.getbasetemp()
+  if "PYTEST_XDIST_WORKER" in os.environ:
+    base = base.parent  # the session's folder, above the workers' own
+  folder, built = base / f"shared_{name}", base / f"shared_{name}.built"
+  with open(f"{folder}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not built.exists():
+      shutil.rmtree(folder, ignore_errors=True)  # a build of ours that failed half-way
+      folder.mkdir()
+      build(str(folder))
+      built.touch()
+  return str(folder)
+
+
 @pytest.fixture(scope="session")
 def smoke_corpus(tmp_path_factory):
-  """A few short conversations built once per test process; returns (data_dir, overrides)
-  that point a `tiny,smoke` config at it."""
+  """A few short conversations built once per test session; returns (config, overrides)
+  that point a `tiny,smoke` config at them."""
   from configs.interaction import get_config
   from tml_jax.data import tml_duplex
-  data_dir = str(tmp_path_factory.mktemp("corpus"))
   config = get_config("tiny,smoke")
-  config.data.update(dict(dir=data_dir, num_train=8, num_validation=2, num_test=2,
-                          conversation_s=6.0, workers=1))
-  tml_duplex.build(data_dir, config.data, workers=1)
+  config.data.update(dict(num_train=8, num_validation=2, num_test=2, conversation_s=6.0,
+                          workers=1))
+
+  def build(data_dir):
+    config.data.dir = data_dir
+    tml_duplex.build(data_dir, config.data, workers=1)
+
+  data_dir = config.data.dir = built_once(tmp_path_factory, "corpus", build)
   overrides = [f"--config.data.dir={data_dir}", "--config.data.num_train=8",
                "--config.data.num_validation=2", "--config.data.num_test=2",
                "--config.data.conversation_s=6.0"]

@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import built_once
 
 from configs import interaction
 from tml_jax import evaluate as ev
@@ -240,16 +241,22 @@ def test_asr_cache_identical_audio_once(utterance, tmp_path):
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("fdb"))
-  export_fdb.export(out, "test", interaction.get_config("tiny,smoke").data, per_task=2)
-  return out
+  return built_once(tmp_path_factory, "fdb", lambda out: export_fdb.export(
+      out, "test", interaction.get_config("tiny,smoke").data, per_task=2))
 
 
 @pytest.fixture(scope="module")
 def baseline_run(export_dir, tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("report"))
-  result = ev.evaluate(export_dir, out, ["model", "vad_0.5s", "vad_0.8s", "silent",
-                                         "always_talking"], plots=True, log=lambda *a: None)
+  """(report folder, evaluate's result, samples.jsonl rows); one evaluation for both xdist
+  workers, its result kept beside the report as evaluate returned it."""
+  def run(out):
+    result = ev.evaluate(export_dir, out, ["model", "vad_0.5s", "vad_0.8s", "silent",
+                                           "always_talking"], plots=True, log=lambda *a: None)
+    with open(f"{out}.result.json", "w") as f:
+      json.dump(result, f)
+  out = built_once(tmp_path_factory, "report", run)
+  with open(f"{out}.result.json") as f:
+    result = json.load(f)
   with open(os.path.join(out, "samples.jsonl")) as f:
     rows = [json.loads(line) for line in f]
   return out, result, rows

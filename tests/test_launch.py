@@ -147,8 +147,8 @@ def test_tpu_pod_ships_clears_detaches_logs_and_reruns(smoke_corpus, cluster, tm
                     TPU_LOCKFILE=str(lockfile), CLEAR_WAIT_S="20", XLA_FLAGS=slurm_xla_flags(),
                     FORWARD_ENV="XLA_FLAGS", STUB_TPU_MISSING="1",
                     STUB_WORKERS=str(tmp_path / "workers"),
-                    STUB_REMOTE_ENV="JAX_COMPILATION_CACHE_DIR PYTHONUNBUFFERED STUB_LOG "
-                    "STUB_STATE STUB_REAL_PYTHON JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+                    STUB_REMOTE_ENV=" ".join(["PYTHONUNBUFFERED", "STUB_LOG", "STUB_STATE",
+                                              "STUB_REAL_PYTHON", *JIT_CACHE_ENV]))
   launcher = ["bash", os.path.join(ROOT, "launch", "tpu_pod.sh")]
   logs = [h / "tml_jax_logs" / "interaction-tiny-smoke" / f"worker_{i}.log"
           for i, h in enumerate(homes)]

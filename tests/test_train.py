@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import JIT_CACHE_ENV, TEST_XLA_FLAGS
+from conftest import JIT_CACHE_ENV, TEST_XLA_FLAGS, built_once
 
 from configs.interaction import get_config
 
@@ -85,9 +85,8 @@ def reference_run(smoke_corpus, tmp_path_factory):
   """8 uninterrupted steps, the run the others are compared with. Its workdir is given as a
   file:// URL (test_file_url_workdir_is_the_local_folder); the tests get the local path."""
   _, overrides = smoke_corpus
-  workdir = str(tmp_path_factory.mktemp("ref") / "url run")
-  run_train(f"file://{workdir}", overrides, "--config.train.num_steps=8")
-  return workdir
+  build = lambda d: run_train(f"file://{d}/url run", overrides, "--config.train.num_steps=8")
+  return os.path.join(built_once(tmp_path_factory, "reference_run", build), "url run")
 
 
 def test_sigkill_resume_is_bitwise(smoke_corpus, reference_run, tmp_path):
@@ -256,13 +255,13 @@ def test_two_processes_stop_on_budget_report_then_one_restores(smoke_corpus, tmp
   process 0; one process then resumes from that checkpoint."""
   _, overrides = smoke_corpus
   workdir = str(tmp_path / "mp")
+  # The engine-driven parts of the report run on process 0 alone and are tested in
+  # tests/test_probe.py; here they would only add a minute to each of the two runs.
+  no_engine = ["--config.train.probe_free_running_conversations=0",
+               "--config.train.delegate_calibration_conversations=0"]
   p = subprocess.run(["bash", "launch/local.sh", "2", *BASE, *overrides,
                       "--config.train.num_steps=200", "--config.train.checkpoint_every=1000",
-                      "--config.train.time_budget_s=6", f"--workdir={workdir}",
-                      # The engine-driven parts of the report run on process 0 alone and are
-                      # tested in tests/test_probe.py; here they would only add a minute.
-                      "--config.train.probe_free_running_conversations=0",
-                      "--config.train.delegate_calibration_conversations=0"],
+                      "--config.train.time_budget_s=6", f"--workdir={workdir}", *no_engine],
                      cwd=ROOT, env=_env(PYTHON=sys.executable), capture_output=True, text=True,
                      timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
@@ -274,7 +273,7 @@ def test_two_processes_stop_on_budget_report_then_one_restores(smoke_corpus, tmp
     assert f.read().startswith("# Training report (tiny)")
   assert os.path.getsize(os.path.join(workdir, "loss_curves.png")) > 0
   assert "validation" in json.load(open(os.path.join(workdir, "report.json")))
-  p = run_train(workdir, overrides, f"--config.train.num_steps={step + 1}")
+  p = run_train(workdir, overrides, f"--config.train.num_steps={step + 1}", *no_engine)
   assert f"resumed from step {step}" in p.stdout
   assert max(losses(workdir)) == step + 1
 
