@@ -257,3 +257,40 @@ def test_chart_png_written(tmp_path):
   assert os.path.exists(path) and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
   with pytest.raises(ToolError):
     box.call("chart", "no numbers here")
+
+
+@pytest.mark.parametrize("history", [0, 4])
+def test_other_conversation_reads_the_previous_rows_context(rng, history):
+  """Validation's `background_other` rolls the context (hidden states, token metadata and
+  pooled history) by one row and keeps the targets; rolling the targets (calls and their
+  delegating chunks) the other way instead pairs the same targets with the same contexts,
+  so the two losses agree. On a random model they differ from the rows' own loss."""
+  from tml_jax.train.losses import losses_from_output
+  config = get_config("tiny,smoke")
+  config.model.update(dict(num_layers=1, ffn="dense", dense_hidden=64))
+  config.layout.update(dict(video_slots=0, window=3))
+  config.background.history_chunks = history
+  cfg = ModelConfig.from_config(config)
+  model = InteractionModel(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  B, C, N, T = 3, 8, 2, config.background.max_len
+  b = random_batch(cfg.layout, batch=B, num_chunks=C, seed=int(rng.integers(1 << 30)))
+  items = [target_sequence("calculator", "What is 3 times 4?", "3 * 4 = 12", T),
+           target_sequence("knowledge", "What is the capital of Peru?", "Lima", T),
+           target_sequence("clock", "What day is it in 3 days?", "Friday", T)]
+  pick = rng.permutation(len(items))
+  for k, i in (("bg_in", 0), ("bg_target", 1), ("bg_mask", 2)):
+    b[k] = np.stack([np.stack([items[pick[(r + n) % len(items)]][i] for n in range(N)])
+                     for r in range(B)])
+  b["bg_chunk"] = rng.integers(0, C, (B, N)).astype(np.int32)
+  b["bg_chunk"][int(rng.integers(B)), 1] = -1  # a row with one delegation fewer
+  out = model(b)
+  _, own = losses_from_output(model, out, b, jax.random.key(0), WEIGHTS,
+                              other_conversation=True)
+  rolled = dict(b, **{k: np.roll(b[k], -1, axis=0)
+                      for k in ("bg_in", "bg_target", "bg_mask", "bg_chunk")})
+  _, moved = losses_from_output(model, out, rolled, jax.random.key(0), WEIGHTS)
+  np.testing.assert_allclose(float(own["background_other"]), float(moved["background"]),
+                             rtol=1e-5)
+  assert abs(float(own["background_other"]) - float(own["background"])) > 1e-5
+  _, plain = losses_from_output(model, out, b, jax.random.key(0), WEIGHTS)
+  assert "background_other" not in plain  # training pays nothing for it

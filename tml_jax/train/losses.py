@@ -28,7 +28,8 @@ from tml_jax.text import tokenizer as tok
 TERMS = ("text", "audio", "balance", "z", "background", "speak", "delegate")
 # Metrics that are means over a batch's few targets of one kind: averaged over batches, each
 # batch counts by its number of those targets (tml_jax.train.loop.evaluate).
-PER_TARGET = {"delegate": "delegate_targets", "delegate_acc": "delegate_targets"}
+PER_TARGET = {"delegate": "delegate_targets", "delegate_acc": "delegate_targets",
+              "background": "background_tokens", "background_other": "background_tokens"}
 
 
 def cross_entropy(logits_NV, labels_N):
@@ -146,8 +147,22 @@ def background_loss(bg, hidden_BLD, meta: TokenMeta, batch, window, num_chunks: 
   return jnp.sum(ce * mask) / jnp.maximum(n, 1.0), n
 
 
-def losses_from_output(model, out, batch, rng, weights) -> tuple[jnp.ndarray, dict]:
-  """(weighted total, every term) of a forward pass `out = model(batch)` already run."""
+def background_other_conversation(bg, hidden_BLD, meta: TokenMeta, batch, window,
+                                  num_chunks: int):
+  """`background_loss` with each row's delegations reading the next row's conversation (its
+  hidden states, token metadata and history: the batch rolled by one), the targets kept.
+  Against `background_loss` it says how much the background model's calls and answers
+  depend on what it reads: equal losses mean it writes the same call whatever was asked.
+  (Two rows of a batch can be crops of one conversation: the gap is a lower bound.)"""
+  roll = lambda x: jnp.roll(x, 1, axis=0)
+  return background_loss(bg, roll(hidden_BLD), TokenMeta(*(roll(f) for f in meta)), batch,
+                         window, num_chunks)
+
+
+def losses_from_output(model, out, batch, rng, weights, *,
+                       other_conversation: bool = False) -> tuple[jnp.ndarray, dict]:
+  """(weighted total, every term) of a forward pass `out = model(batch)` already run; with
+  `other_conversation` (validation), also `background_other_conversation`."""
   lay = model.cfg.layout
   chunk_valid_BC = lay.unpack(jnp.asarray(batch["meta"].valid)[..., None],
                               Segment.MODEL_TEXT)[:, :, 0, 0]
@@ -158,9 +173,11 @@ def losses_from_output(model, out, batch, rng, weights) -> tuple[jnp.ndarray, di
   metrics["z"] = out.aux.get("z", jnp.zeros(()))
   metrics["background"] = jnp.zeros(())
   if getattr(model, "background", None) is not None and "bg_chunk" in batch:
-    metrics["background"], metrics["background_tokens"] = background_loss(
-        model.background, out.hidden, TokenMeta(*(jnp.asarray(f) for f in batch["meta"])),
-        batch, model.cfg.window, chunk_valid_BC.shape[1])
+    args = (model.background, out.hidden, TokenMeta(*(jnp.asarray(f) for f in batch["meta"])),
+            batch, model.cfg.window, chunk_valid_BC.shape[1])
+    metrics["background"], metrics["background_tokens"] = background_loss(*args)
+    if other_conversation and out.hidden.shape[0] > 1:
+      metrics["background_other"], _ = background_other_conversation(*args)
   metrics["speak"] = jnp.zeros(())
   if out.speak_logits is not None and "speak_target" in batch:
     metrics.update(speak_terms(out.speak_logits, batch,

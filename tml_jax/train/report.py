@@ -26,15 +26,22 @@ def read_metrics(workdir: str) -> list[dict]:
 
 def plot_curves(rows: list[dict], path: str) -> str:
   from matplotlib.figure import Figure  # no pyplot: a notebook's backend is left alone
-  keys = [("text", "text cross-entropy (nats)"), ("audio", "flow-matching loss"),
-          ("balance", "MoE balance loss"), ("audio_l1", "sampled mel L1 (log10)")]
-  fig = Figure(figsize=(4 * len(keys), 3.2), dpi=110)
-  axes = fig.subplots(1, len(keys))
-  for ax, (k, title) in zip(axes, keys):
-    for prefix, style in (("", "-"), ("val_", "o-")):
-      pts = [(r["step"], r[prefix + k]) for r in rows if prefix + k in r]
-      if pts:
-        ax.plot(*zip(*pts), style, label="train" if not prefix else "validation", ms=3)
+  panels = [("text cross-entropy (nats)", {"text": ""}), ("flow-matching loss", {"audio": ""}),
+            ("MoE balance loss", {"balance": ""}),
+            ("sampled mel L1 (log10)", {"audio_l1": ""}),
+            # The gap between the two validation curves: how much the background model's
+            # calls depend on the conversation it reads (report.markdown).
+            ("background cross-entropy (nats/token)",
+             {"background": "", "background_other": ", another conversation"})]
+  fig = Figure(figsize=(4 * len(panels), 3.2), dpi=110)
+  axes = fig.subplots(1, len(panels))
+  for ax, (title, keys) in zip(axes, panels):
+    for k, what in keys.items():
+      for prefix, style in (("", "-"), ("val_", "o-")):
+        pts = [(r["step"], r[prefix + k]) for r in rows if prefix + k in r]
+        if pts:
+          label = ("train" if not prefix else "validation") + what
+          ax.plot(*zip(*pts), style, label=label, ms=3)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
@@ -61,9 +68,20 @@ def markdown(variant: str, step: int, val: dict, base: dict, first: dict,
       f"| flow-matching loss | {val['audio']:.3f} | {first.get('audio', float('nan')):.3f} "
       "(first logged train step) |",
       f"| MoE balance loss | {val['balance']:.3f} | 1.0 = perfectly uniform |",
-      *_delegate_rows(val), "",
+      *_background_rows(val), *_delegate_rows(val), "",
       "Decoded text (teacher-forced, greedy) on a validation conversation:", "", "```",
       *samples, "```", ""]
+
+
+def _background_rows(val: dict) -> list[str]:
+  """The background model's teacher-forced loss on the conversation it was asked in, against
+  the same targets read from another row's conversation (tml_jax.train.losses.
+  background_other_conversation): no gap, no use of what was asked."""
+  if "background_other" not in val:
+    return []
+  return [f"| background cross-entropy (nats/token), its own conversation | "
+          f"{val['background']:.3f} | {val['background_other']:.3f} (another row's "
+          f"conversation; gap {val['background_other'] - val['background']:+.3f}) |"]
 
 
 def _delegate_rows(val: dict) -> list[str]:

@@ -208,7 +208,8 @@ def eval_step(state, batch, rng, *, setup: Setup):
   """Every loss term plus the sampled-mel L1, from one forward pass."""
   model = setup.model(state["params"])
   out = model(batch)
-  _, metrics = losses_from_output(model, out, batch, rng, setup.weights)
+  _, metrics = losses_from_output(model, out, batch, rng, setup.weights,
+                                  other_conversation=True)
   metrics["audio_l1"] = sampled_audio_l1(model, out.audio_cond, batch, rng,
                                          setup.config.model.flow_steps)
   return metrics
