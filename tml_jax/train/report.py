@@ -14,6 +14,7 @@ import os
 from tml_jax import paths
 from tml_jax import probe as probe_lib
 from tml_jax.text import tokenizer as tok
+from tml_jax.train.losses import PER_TARGET
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -36,9 +37,12 @@ def plot_curves(rows: list[dict], path: str) -> str:
   fig = Figure(figsize=(4 * len(panels), 3.2), dpi=110)
   axes = fig.subplots(1, len(panels))
   for ax, (title, keys) in zip(axes, panels):
-    for k, what in keys.items():
-      for prefix, style in (("", "-"), ("val_", "o-")):
-        pts = [(r["step"], r[prefix + k]) for r in rows if prefix + k in r]
+    for i, (k, what) in enumerate(keys.items()):
+      # A step whose batch held none of a per-target term's targets logged 0: not a point.
+      count = PER_TARGET.get(k)
+      for prefix, style in (("", "-"), ("val_", "o-" if i == 0 else "s--")):
+        pts = [(r["step"], r[prefix + k]) for r in rows
+               if prefix + k in r and r.get(prefix + str(count), 1) != 0]
         if pts:
           label = ("train" if not prefix else "validation") + what
           ax.plot(*zip(*pts), style, label=label, ms=3)
