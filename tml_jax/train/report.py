@@ -42,7 +42,7 @@ def plot_curves(rows: list[dict], path: str) -> str:
       count = PER_TARGET.get(k)
       for prefix, style in (("", "-"), ("val_", "o-" if i == 0 else "s--")):
         pts = [(r["step"], r[prefix + k]) for r in rows
-               if prefix + k in r and r.get(prefix + str(count), 1) != 0]
+               if prefix + k in r and (count is None or r.get(prefix + count) != 0)]
         if pts:
           label = ("train" if not prefix else "validation") + what
           ax.plot(*zip(*pts), style, label=label, ms=3)
