@@ -294,3 +294,39 @@ def test_other_conversation_reads_the_previous_rows_context(rng, history):
   assert abs(float(own["background_other"]) - float(own["background"])) > 1e-5
   _, plain = losses_from_output(model, out, b, jax.random.key(0), WEIGHTS)
   assert "background_other" not in plain  # training pays nothing for it
+
+
+def test_context_entries_are_placed_by_their_position_embeddings(rng):
+  """The background model reads its context as a set of entries, each with its age, segment
+  and slot: permuting the entries together with their positions and mask changes nothing,
+  while moving the hidden states alone (so that each sits at another entry's position)
+  changes the logits, so the order of what was typed can be read."""
+  from tml_jax.model.background import BackgroundConfig, BackgroundModel, read_context
+  from tml_jax.microturn import ChunkLayout, TokenMeta
+  cfg = BackgroundConfig(d_model=32, num_layers=2, num_heads=2, head_dim=16, hidden=64,
+                         context_dim=24, window=4, history_chunks=12)
+  bg = BackgroundModel(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  lay = ChunkLayout(user_audio=2, self_audio=1, video=0, text_in=3, model_text=2,
+                    model_audio=1, prefix=2)
+  B, C, N, T, Hn = 2, 10, 2, 12, 3
+  meta = TokenMeta(*(jnp.asarray(f) for f in lay.meta(C, batch=B)))
+  L = meta.chunk.shape[1]
+  hidden = jnp.asarray(rng.normal(size=(B, L, 24)), jnp.float32)
+  hist = jnp.asarray(rng.normal(size=(B, Hn, 24)), jnp.float32)
+  hist_chunk = jnp.asarray(np.tile(np.arange(Hn), (B, 1)), jnp.int32)
+  chunk = jnp.asarray(rng.integers(Hn + cfg.window, C, (B, N)), jnp.int32)
+  ctx, mask, pos = read_context(cfg, hidden, meta, chunk, cfg.window, hist, hist_chunk)
+  assert ctx.shape[1] == mask.shape[-1] == pos.age.shape[-1] == L + Hn
+  assert int(pos.age.max()) == cfg.window and bool(mask[..., L:].any())  # history is read
+  tokens = jnp.asarray(rng.integers(0, 256, (B, N, T)), jnp.int32)
+  ref = bg(tokens, ctx, mask, pos)
+  perm = jnp.asarray(rng.permutation(L + Hn))
+  moved = type(pos)(pos.age[..., perm], pos.segment[:, perm], pos.slot[:, perm])
+  np.testing.assert_allclose(bg(tokens, ctx[:, perm], mask[..., perm], moved), ref,
+                             rtol=2e-4, atol=2e-4)
+  # The hidden states alone permuted among the visible entries: other positions, new logits.
+  seen = np.nonzero(np.asarray(mask[0, 0]))[0]
+  shuffled = np.arange(L + Hn)
+  shuffled[seen] = seen[rng.permutation(len(seen))]
+  out = bg(tokens, ctx[:, jnp.asarray(shuffled)], mask, pos)
+  assert float(jnp.max(jnp.abs(out[0, 0] - ref[0, 0]))) > 1e-3

@@ -43,6 +43,13 @@ def test_delegation_score_needs_the_chain_and_the_words_after_the_result(rng):
   spoken = _words("twelve times three is thirty six", r_at + 0.4)
   (m,) = B.score(expected, ann, spoken, events)["delegation"]
   assert m["delegated"] and m["tool_called"] and m["result"] and m["correct"]
+  assert not m["args_right"] and not m["typed"]  # the call logged no args
+  events[1]["args"] = " 12 * 3"
+  (m,) = B.score(dict(expected, typed=True), ann, spoken, events)["delegation"]
+  assert m["args_right"] and m["typed"]
+  events[1]["args"] = "12 * 4"
+  assert not B.score(expected, ann, spoken, events)["delegation"][0]["args_right"]
+  events[1]["args"] = "12 * 3"
   assert m["compute_s"] == pytest.approx(r_at - d_at, abs=1e-3)
   assert m["weave_s"] == pytest.approx(0.4, abs=1e-3)
   assert m["latency_s"] == pytest.approx(r_at + 0.4 - q_end, abs=1e-3)
@@ -117,7 +124,8 @@ class _Oracle:
     for e in conv.events:
       if e.kind == "delegation":
         events += [dict(kind="delegation", time_s=e.start_s),
-                   dict(kind="tool_call", tool=e.data["tool"], time_s=e.start_s + 0.3),
+                   dict(kind="tool_call", tool=e.data["tool"], args=e.data.get("args", ""),
+                        time_s=e.start_s + 0.3),
                    dict(kind="background_result", time_s=e.data["arrival_s"])]
     fired = [t for t, x in conv.text_in if x.startswith("reminder: ")]
     sets = conv.events_of("reminder_set")
@@ -143,7 +151,12 @@ def test_behaviour_samples_export_and_score_from_the_voice(tmp_path):
   # The reference's own words score every behaviour as the corpus meant it.
   text = result["monologue"]["oracle"]["extra"]
   assert text["delegation"]["acc"] == 1.0 and text["delegation"]["links"] == dict(
-      delegated=1, tool_called=1, result=1, spoken=1, correct=1), text["delegation"]
+      delegated=1, tool_called=1, args_right=1, result=1, spoken=1, correct=1), text[
+          "delegation"]
+  # One sample: it is summarised in exactly one of the typed / spoken groups.
+  group, other = (("delegation_typed", "delegation_spoken") if "delegation_typed" in text
+                  else ("delegation_spoken", "delegation_typed"))
+  assert text[group] == text["delegation"] and other not in text
   rem = text["reminder_timing"]
   assert rem["said_rate"] == 1.0 and rem["fired_rate"] == 1.0, rem
   assert 0.2 - 1e-3 <= rem["error_s"] <= 0.55 + 1e-3, rem  # the next micro-turn, after the poll

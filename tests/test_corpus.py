@@ -268,13 +268,27 @@ def test_delegations_use_every_tool_and_its_real_answer(rng):
 def test_held_delegations_put_the_question_beyond_the_window(rng):
   """A held delegation: the question, a hold and a release in one user turn with a pause
   the model must sit through; its DELEGATE comes more than a 5 s window after the
-  question's end. Plain ones delegate right after the question."""
+  question's end. Plain ones delegate right after the question. A typed one (TEXT_IN, a
+  typed_text event the evaluation feeds to a system) delegates once its last byte is read,
+  with no user speech in between."""
+  from tml_jax.data.task_scenarios import TYPED_BYTES_PER_S
   seed, kinds = int(rng.integers(1 << 20)), set()
-  for i in range(40):
+  for i in range(60):
     c = scenarios.generate("train", i, seed=seed, duration_s=24.0, scenario="delegation")
     for d in c.events_of("delegation"):
       gap = d.start_s - d.data["question_end_s"]
       q_end = d.data["question_end_s"]
+      if d.data["typed"]:
+        (typed,) = [e for e in c.events_of("typed_text") if e.data.get("delegation")]
+        assert (typed.start_s, d.data["question"]) in c.text_in
+        assert typed.data["text"] == d.data["question"] and not d.data["held"]
+        read = len(d.data["question"].encode()) / TYPED_BYTES_PER_S
+        assert abs(q_end - typed.start_s - read) < 2e-3, (c.id, q_end, typed.start_s)
+        assert 0.2 - 1e-3 <= gap < 0.7, (c.id, gap)
+        assert not [w for w in c.words_of("user") if typed.start_s <= w.start_s < d.start_s]
+        assert not [e for e in c.events_of("user_turn") if e.data["text"] == d.data["question"]]
+        kinds.add("typed")
+        continue
       turn = next(e for e in c.events_of("user_turn")
                   if e.start_s <= q_end <= e.end_s + 1e-3)
       assert turn.end_s < d.start_s
@@ -288,9 +302,9 @@ def test_held_delegations_put_the_question_beyond_the_window(rng):
       else:
         assert gap < 0.7, (c.id, gap)
       kinds.add(d.data["held"])
-    if kinds == {True, False}:
+    if kinds == {True, False, "typed"}:
       break
-  assert kinds == {True, False}, kinds
+  assert kinds == {True, False, "typed"}, kinds
 
 
 def test_delegation_answer_arrives_as_text_and_is_spoken_after():

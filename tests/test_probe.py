@@ -163,13 +163,15 @@ def test_background_links_at_forced_delegations(rng):
            (("clock", "17 * 23"), False, "the tool failed: x", (1, 0, 0, 0, 0)),
            (None, False, "the tool failed: the call did not end", (0, 0, 0, 0, 0))]
   order = rng.permutation(len(cases))
+  typed = rng.random(len(cases)) < 0.5  # typed questions are also counted apart
   records, runs, starts = [], [], []
   for i in order:
     start = float(rng.integers(10, 50)) * chunk_s + 0.05
     starts.append(start)
     records.append(dict(user_wav=np.zeros(60 * 3200, np.int16), events_json=json.dumps(
         [dict(kind="user_turn", start_s=0.1, end_s=1.0, data={}),
-         dict(kind="delegation", start_s=start, end_s=start + 2, data=want)])))
+         dict(kind="delegation", start_s=start, end_s=start + 2,
+              data=dict(want, typed=bool(typed[i])))])))
     call, ran, answer, _ = cases[i]
     ev = [dict(kind="delegation", job=0, forced=True, time_s=start)]
     ev += ([dict(kind="tool_call", job=0, tool=call[0], args=call[1])] if call else
@@ -194,6 +196,9 @@ def test_background_links_at_forced_delegations(rng):
   assert out["n"] == 5
   for k, link in enumerate(("ended", "tool", "args", "ran", "answer")):
     assert out[link] == sum(c[3][k] for c in cases), (link, out)
+  assert out["typed_n"] == typed.sum()
+  for k, link in ((1, "tool"), (2, "args")):
+    assert out[f"typed_{link}"] == sum(c[3][k] for c, t in zip(cases, typed) if t), out
   assert len(out["calls"]) == 4 and out["calls"][0][0] == "calculator:17 * 23"
 
 

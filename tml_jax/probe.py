@@ -299,9 +299,12 @@ def background_at_delegations(engine, records, *, chunk_s: float) -> dict:
     ran         the tool ran without error
     answer      the background answer is the corpus' result text, exactly
 
-  Returns counts per link, `n`, and the first calls as (expected, written) for the report.
+  Returns counts per link, `n`, the same for the typed questions alone (`typed_n`,
+  `typed_tool`, `typed_args`: their bytes are in the context, a spoken one's only as audio),
+  and the first calls as (expected, written) for the report.
   """
-  counts = dict(n=0, ended=0, tool=0, args=0, ran=0, answer=0)
+  counts = dict(n=0, ended=0, tool=0, args=0, ran=0, answer=0, typed_n=0, typed_tool=0,
+                typed_args=0)
   calls = []
   for record in records:
     wanted = [e for e in json.loads(_text(record["events_json"])) if e["kind"] == "delegation"]
@@ -317,8 +320,13 @@ def background_at_delegations(engine, records, *, chunk_s: float) -> dict:
       counts["n"] += 1
       counts["ended"] += not (error and error.get("ended") is False)
       named = bool(call and call["tool"] == data.get("tool"))
+      args = named and call["args"].strip() == str(data.get("args", "")).strip()
       counts["tool"] += named
-      counts["args"] += named and call["args"].strip() == str(data.get("args", "")).strip()
+      counts["args"] += args
+      if data.get("typed"):
+        counts["typed_n"] += 1
+        counts["typed_tool"] += named
+        counts["typed_args"] += args
       counts["ran"] += bool(first("tool_result"))
       counts["answer"] += bool(result and result["text"].strip()
                                == str(data.get("result_text", "")).strip())

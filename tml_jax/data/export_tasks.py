@@ -18,7 +18,8 @@ Each sample is cut from a held-out conversation of one task scenario, from its s
 
   behaviour     expected
   delegation    behaviour=delegate_and_answer, question_end_s, tool, args, answer (the words
-                to be spoken), reference_answer_s
+                to be spoken), reference_answer_s, typed (the question is a typed_text
+                event, fed as TEXT_IN, instead of speech)
   reminder      behaviour=remind_when_due, tool, args, task, due_s (list: every firing the
                 clip holds, a repeating reminder fires more than once), period_s
   visual_event  behaviour=remark_on_what_appears, appear_s (list), descriptions
@@ -55,16 +56,19 @@ def _delegation(conv):
   if not dels:
     return None
   d = dels[0]
-  ask = [e for e in conv.events_of("user_turn") if e.end_s <= d.start_s + 1e-3][-1]
+  # A typed question (corpus 1.4.0) has no user turn: it ends when its last byte is read.
+  q_end = d.data.get("question_end_s")
+  if q_end is None:  # corpora before 1.3.0 record no question end: the turn before it
+    q_end = [e for e in conv.events_of("user_turn") if e.end_s <= d.start_s + 1e-3][-1].end_s
   answer = next((e for e in conv.events_of("model_turn")
                  if e.data.get("responds_to") == "text_in" and e.start_s >= d.end_s), None)
   ref_end = answer.end_s if answer else d.end_s + 2.0
   end = _end(conv, ref_end)
   return Sample(end, {}, dict(
-      behaviour="delegate_and_answer", question_end_s=ask.end_s, tool=d.data["tool"],
-      args=d.data.get("args"), answer=d.data["answer"],
+      behaviour="delegate_and_answer", question_end_s=q_end, tool=d.data["tool"],
+      args=d.data.get("args"), answer=d.data["answer"], typed=bool(d.data.get("typed")),
       reference_answer_s=answer.start_s if answer else None),
-      silence_from=_silence_after(conv, ask.end_s, end))
+      silence_from=_silence_after(conv, q_end, end))
 
 
 def _reminder(conv):

@@ -43,7 +43,9 @@ from tml_jax.data.turn_scenarios import (background_speech, interruption, model_
 #   fire as TEXT_IN; every tool is a delegation target (clock "now", chart); calls carry args.
 # 1.3.0: a third of the delegations are held ("wait, let me find a pen ... go ahead"): their
 #   question lies 5.2-6.8 s before the DELEGATE, beyond the 5 s window.
-CORPUS_VERSION = "1.3.0"
+# 1.4.0: half of the delegations are typed: the question arrives as TEXT_IN (a
+#   `typed_text` event with delegation=True), the answer is still spoken.
+CORPUS_VERSION = "1.4.0"
 
 # The order is part of the corpus: scenario = SCENARIOS[index % 13] when none is forced.
 SCENARIOS: dict[str, Callable[[Scene], None]] = {

@@ -87,7 +87,9 @@ class TmlDuplex(tfds.core.GeneratorBasedBuilder):
                             "clock tools and fire as TEXT_IN; clock 'now' and chart "
                             "delegations; delegation events record the tool's args.",
                    "1.3.0": "Held delegations: 35 % of the users ask, say 'wait' and release "
-                            "the answer 5.2-6.8 s after the question (beyond the window)."}
+                            "the answer 5.2-6.8 s after the question (beyond the window).",
+                   "1.4.0": "Typed delegations: half of the delegation questions arrive as "
+                            "TEXT_IN (typed_text events with delegation=True)."}
   BUILDER_CONFIGS = [TmlDuplexConfig(name="default")]
   # Record i is conversation i (grain shuffles at read time), so an id maps to its position.
   disable_shuffling = True

@@ -126,6 +126,7 @@ def delegation(expected: dict, annotations: list[dict], words: list[Word],
   q_end = float(expected["question_end_s"])
   deleg = _first(sys_events, "delegation", q_end - 0.5)
   tool = _first(sys_events, "tool_call", q_end - 0.5, tool=expected["tool"])
+  args = str(expected.get("args") or "").strip()
   result = _first(sys_events, "background_result", deleg["time_s"]) if deleg else None
   ref = next((e for e in annotations if e.get("kind") == "delegation"
               and e.get("data", {}).get("purpose") != "reminder"), None)
@@ -136,8 +137,10 @@ def delegation(expected: dict, annotations: list[dict], words: list[Word],
   correct = bool(keys) and all(k in have for k in keys)
   first = min((t for tok, t in said if tok in set(keys)), default=None)
   return dict(
-      delegated=deleg is not None, tool_called=tool is not None, result=result is not None,
-      spoken=first is not None, correct=correct,
+      typed=bool(expected.get("typed")), delegated=deleg is not None,
+      tool_called=tool is not None,
+      args_right=tool is not None and str(tool.get("args", "")).strip() == args,
+      result=result is not None, spoken=first is not None, correct=correct,
       latency_s=round(first - q_end, 3) if correct and first is not None else None,
       compute_s=round(result["time_s"] - deleg["time_s"], 3) if result else None,
       weave_s=round(first - result["time_s"], 3) if result and correct and first is not None

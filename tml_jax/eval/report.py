@@ -126,14 +126,21 @@ def _summarise_behaviours(items: dict[str, list[dict]]) -> dict:
   """The behaviour samples' groups (tml_jax.eval.behaviours), with the chain's link counts."""
   out = {}
   count = lambda xs, k: sum(bool(x[k]) for x in xs)
-  if items.get("delegation"):
-    xs = items["delegation"]
-    out["delegation"] = {
+  # Typed questions (TEXT_IN) and spoken ones are summarised apart too: only a spoken one
+  # needs the interaction model to have understood the user's voice.
+  for group, keep in (("delegation", lambda x: True),
+                      ("delegation_typed", lambda x: x.get("typed", False)),
+                      ("delegation_spoken", lambda x: not x.get("typed", False))):
+    xs = [x for x in items.get("delegation", []) if keep(x)]
+    if not xs:
+      continue
+    out[group] = {
         "delegated_rate": _rate(x["delegated"] for x in xs), "acc": _rate(x["correct"] for x in xs),
         "latency_s": mean(x["latency_s"] for x in xs),
         "compute_s": mean(x["compute_s"] for x in xs), "weave_s": mean(x["weave_s"] for x in xs),
-        "links": {k: count(xs, k) for k in ("delegated", "tool_called", "result", "spoken",
-                                             "correct")}, "n": len(xs)}
+        "links": {k: count(xs, k) for k in ("delegated", "tool_called", "args_right", "result",
+                                             "spoken", "correct") if k in xs[0]},
+        "n": len(xs)}
   if items.get("reminder_timing"):
     xs = items["reminder_timing"]
     errs = [x["error_s"] for x in xs if x["error_s"] is not None]
@@ -246,6 +253,14 @@ EXTRA_ROWS = (("background answer acc", "background_answer", "acc", "higher"),
               ("delegation: request end to answer (s)", "delegation", "latency_s", "lower"),
               ("delegation: background compute (s)", "delegation", "compute_s", "lower"),
               ("delegation: result to spoken answer (s)", "delegation", "weave_s", "lower"),
+              ("delegation, typed question: delegated", "delegation_typed", "delegated_rate",
+               "higher"),
+              ("delegation, typed question: answer correct", "delegation_typed", "acc",
+               "higher"),
+              ("delegation, spoken question: delegated", "delegation_spoken",
+               "delegated_rate", "higher"),
+              ("delegation, spoken question: answer correct", "delegation_spoken", "acc",
+               "higher"),
               ("reminder: said within 0.4 s of due", "reminder_timing", "within_0.4s",
                "higher"),
               ("reminder: signed error (s)", "reminder_timing", "error_s", ""),

@@ -13,7 +13,11 @@ target in training). The answer enters the interaction sequence as TEXT_IN (`RES
 the format of the corpus' background results) when it is really finished.
 
 Each layer: causal self-attention over its own text (RoPE), cross-attention to the projected
-context (no positions: the context already carries them), SwiGLU. The context is not
+context, SwiGLU. Every context entry gets learned embeddings of where it sits (`ContextPos`):
+its age in chunks before the delegating chunk (the window's W ages, then one for the pooled
+history), its segment and its slot inside the chunk. The interaction model's hidden states do
+not carry their position (RoPE acts in attention only), so without them a call's args could
+be read as a bag of bytes at best, never in order. The context is not
 stop-gradiented, so the background loss also trains the interaction model's representations.
 Its targets are built by tml_jax.data.background_targets, its loss lives in
 tml_jax.train.losses.
@@ -25,12 +29,13 @@ Dc interaction width, H heads, Dh head width, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tml_jax.microturn import TokenMeta, context_mask, history_mask, pooled_tokens
+from tml_jax.microturn import Segment, TokenMeta, context_mask, history_mask, pooled_tokens
 from tml_jax.model.layers import DTYPES, RMSNorm, fan_in_init, param, rope
 from tml_jax.model.moe import DenseFFN, FFNConfig
 from tml_jax.text import tokenizer as tok
@@ -48,6 +53,7 @@ class BackgroundConfig:
   vocab_size: int = tok.VOCAB_SIZE
   param_dtype: str = "float32"
   history_chunks: int = 0  # horizon of the pooled history beyond the window; 0: none
+  window: int = 64  # ages the context embeds (layout.window; older entries share the last)
 
   @classmethod
   def from_config(cls, config) -> "BackgroundConfig | None":
@@ -58,7 +64,8 @@ class BackgroundConfig:
                head_dim=b.head_dim, hidden=b.hidden, max_len=b.max_len,
                context_dim=config.model.d_model, vocab_size=config.model.vocab_size,
                param_dtype=config.model.param_dtype,
-               history_chunks=int(b.get("history_chunks", 0)))
+               history_chunks=int(b.get("history_chunks", 0)),
+               window=int(config.layout.window or 64))
 
 
 def pool_chunk(h_BND, meta: TokenMeta):
@@ -80,17 +87,37 @@ def pool_history(h_BLD, meta: TokenMeta, num_chunks: int):
   return pooled, jnp.where(n_BC > 0, chunks[None], -1).astype(jnp.int32)
 
 
+MAX_SLOT = 64  # slots inside a chunk the context tells apart (later ones share the last)
+HISTORY_SEGMENT = len(Segment)  # the segment id of a pooled history vector
+
+
+class ContextPos(NamedTuple):
+  """Where each context entry sits, for the background model's position embeddings."""
+  age: jnp.ndarray      # int32 [B, N, L]: chunks before the delegating chunk, clipped
+  segment: jnp.ndarray  # int32 [B, L]: the token's Segment, HISTORY_SEGMENT for history
+  slot: jnp.ndarray     # int32 [B, L]: its slot in the chunk, clipped to MAX_SLOT - 1
+
+
 def read_context(cfg: BackgroundConfig, hidden_BLD, meta: TokenMeta, chunk_BN, window,
                  history_BHD, history_chunk_BH):
-  """(context [B, L(+H), D], mask [B, N, L(+H)]) that delegations made in chunks `chunk_BN`
-  read, in training and in serving alike: the tokens' hidden states under `context_mask`,
-  then (history_chunks > 0) the history vectors under `history_mask`."""
+  """(context [B, L(+H), D], mask [B, N, L(+H)], positions `ContextPos`) that delegations
+  made in chunks `chunk_BN` read, in training and in serving alike: the tokens' hidden
+  states under `context_mask`, then (history_chunks > 0) the history vectors under
+  `history_mask`. A history vector's age is the last bucket, `cfg.window`."""
   ctx, mask = hidden_BLD, context_mask(meta, chunk_BN, window)
+  c = jnp.asarray(chunk_BN)[:, :, None]
+  age = jnp.clip(c - jnp.asarray(meta.chunk)[:, None, :], 0, cfg.window - 1)
+  seg = jnp.asarray(meta.segment).astype(jnp.int32)
+  slot = jnp.clip(jnp.asarray(meta.slot), 0, MAX_SLOT - 1).astype(jnp.int32)
   if cfg.history_chunks > 0:
     ctx = jnp.concatenate([ctx.astype(jnp.float32), history_BHD.astype(jnp.float32)], axis=1)
     mask = jnp.concatenate(
         [mask, history_mask(chunk_BN, history_chunk_BH, window, cfg.history_chunks)], axis=-1)
-  return ctx, mask
+    B, Hn = history_chunk_BH.shape
+    age = jnp.concatenate([age, jnp.full((B, c.shape[1], Hn), cfg.window, age.dtype)], -1)
+    seg = jnp.concatenate([seg, jnp.full((B, Hn), HISTORY_SEGMENT, jnp.int32)], -1)
+    slot = jnp.concatenate([slot, jnp.zeros((B, Hn), jnp.int32)], -1)
+  return ctx, mask, ContextPos(age.astype(jnp.int32), seg, slot)
 
 
 def _attend(q_BNTHD, k_BNSHD, v_BNSHD, mask_BNTS):
@@ -116,8 +143,8 @@ class BackgroundLayer(nnx.Module):
     # Named `mlp`, not `ffn`: count_params treats w_gate/w_up/w_down under `ffn` as experts.
     self.mlp = DenseFFN(FFNConfig(D, cfg.hidden, "float32", cfg.param_dtype), rngs=rngs)
 
-  def context_kv(self, ctx_BLD):
-    f = lambda w: jnp.einsum("bld,dhk->blhk", ctx_BLD, w[...].astype(jnp.float32))
+  def context_kv(self, ctx_BNLD):
+    f = lambda w: jnp.einsum("bnld,dhk->bnlhk", ctx_BNLD, w[...].astype(jnp.float32))
     return f(self.ck), f(self.cv)
 
   def __call__(self, x_BNTD, ctx_kv, ctx_mask_BNL, positions_T):
@@ -135,12 +162,10 @@ class BackgroundLayer(nnx.Module):
 
     h = self.cross_norm(x)
     q = jnp.einsum("bntd,dhk->bnthk", h, f32(self.cq))
-    k_BLHK, v_BLHK = ctx_kv
-    L = k_BLHK.shape[1]
-    kn = jnp.broadcast_to(k_BLHK[:, None], (B, N, *k_BLHK.shape[1:]))
-    vn = jnp.broadcast_to(v_BLHK[:, None], (B, N, *v_BLHK.shape[1:]))
+    k_BNLHK, v_BNLHK = ctx_kv
+    L = k_BNLHK.shape[2]
     mask = jnp.broadcast_to(ctx_mask_BNL[:, :, None, :], (B, N, T, L))
-    o = _attend(q, kn, vn, mask)
+    o = _attend(q, k_BNLHK, v_BNLHK, mask)
     x = x + jnp.einsum("bnthk,hkd->bntd", o, f32(self.co))
     y, _ = self.mlp(self.mlp_norm(x))
     return x + y
@@ -154,6 +179,11 @@ class BackgroundModel(nnx.Module):
     self.ctx_norm = RMSNorm(cfg.context_dim, param_dtype=pd, rngs=rngs)
     self.ctx_proj = param(rngs, fan_in_init(cfg.context_dim), (cfg.context_dim, cfg.d_model),
                           (None, "embed"), pd)
+    pos_init = jax.nn.initializers.normal(0.5)
+    self.ctx_age = param(rngs, pos_init, (cfg.window + 1, cfg.d_model), (None, "embed"), pd)
+    self.ctx_segment = param(rngs, pos_init, (HISTORY_SEGMENT + 1, cfg.d_model),
+                             (None, "embed"), pd)
+    self.ctx_slot = param(rngs, pos_init, (MAX_SLOT, cfg.d_model), (None, "embed"), pd)
     self.embed = param(rngs, jax.nn.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model),
                        ("vocab", "embed"), pd)
     self.layers = nnx.List([BackgroundLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
@@ -161,10 +191,15 @@ class BackgroundModel(nnx.Module):
     self.unembed = param(rngs, fan_in_init(cfg.d_model), (cfg.d_model, cfg.vocab_size),
                          ("embed", "vocab"), pd)
 
-  def encode_context(self, ctx_BLDc):
-    """Per-layer cross-attention keys/values of the interaction model's hidden states."""
-    c = self.ctx_norm(ctx_BLDc.astype(jnp.float32)) @ self.ctx_proj[...].astype(jnp.float32)
-    return [layer.context_kv(c) for layer in self.layers]
+  def encode_context(self, ctx_BLDc, pos: ContextPos):
+    """Per-layer cross-attention keys/values [B, N, L, H, Dh] of the interaction model's
+    hidden states, each placed by its position embeddings (per delegation: its age)."""
+    f32 = lambda w: w[...].astype(jnp.float32)
+    c = self.ctx_norm(ctx_BLDc.astype(jnp.float32)) @ f32(self.ctx_proj)
+    c = c + jnp.take(f32(self.ctx_segment), pos.segment, axis=0) + jnp.take(
+        f32(self.ctx_slot), pos.slot, axis=0)
+    c_BNLD = c[:, None] + jnp.take(f32(self.ctx_age), pos.age, axis=0)
+    return [layer.context_kv(c_BNLD) for layer in self.layers]
 
   def decode(self, tokens_BNT, ctx_kvs, ctx_mask_BNL):
     """Logits [B, N, T, V] of the next token at every position (teacher forcing)."""
@@ -175,5 +210,5 @@ class BackgroundModel(nnx.Module):
       x = layer(x, kv, ctx_mask_BNL, positions)
     return self.final_norm(x) @ self.unembed[...].astype(jnp.float32)
 
-  def __call__(self, tokens_BNT, ctx_BLDc, ctx_mask_BNL):
-    return self.decode(tokens_BNT, self.encode_context(ctx_BLDc), ctx_mask_BNL)
+  def __call__(self, tokens_BNT, ctx_BLDc, ctx_mask_BNL, pos: ContextPos):
+    return self.decode(tokens_BNT, self.encode_context(ctx_BLDc, pos), ctx_mask_BNL)

@@ -61,9 +61,9 @@ class ModelGenerator:
   def _decode(self, state, hidden, meta, history, history_chunk, chunk, tokens_T, start,
               stops):
     bg = nnx.merge(self.graphdef, state)
-    ctx, mask = read_context(bg.cfg, hidden, meta, jnp.reshape(chunk, (1, 1)), self.window,
-                             history, history_chunk)
-    kvs = bg.encode_context(ctx)
+    ctx, mask, pos = read_context(bg.cfg, hidden, meta, jnp.reshape(chunk, (1, 1)),
+                                  self.window, history, history_chunk)
+    kvs = bg.encode_context(ctx, pos)
     T = tokens_T.shape[0]
 
     def cond(c):

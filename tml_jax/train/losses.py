@@ -139,9 +139,9 @@ def background_loss(bg, hidden_BLD, meta: TokenMeta, batch, window, num_chunks: 
   mask = jnp.asarray(batch["bg_mask"]) & (jnp.asarray(batch["bg_chunk"]) >= 0)[..., None]
   hist, hist_chunk = (pool_history(hidden_BLD, meta, num_chunks)
                       if bg.cfg.history_chunks > 0 else (None, None))
-  ctx, ctx_mask = read_context(bg.cfg, hidden_BLD, meta, jnp.asarray(batch["bg_chunk"]),
-                               window, hist, hist_chunk)
-  logits = bg(tokens, ctx, ctx_mask)
+  ctx, ctx_mask, pos = read_context(bg.cfg, hidden_BLD, meta, jnp.asarray(batch["bg_chunk"]),
+                                    window, hist, hist_chunk)
+  logits = bg(tokens, ctx, ctx_mask, pos)
   ce = cross_entropy(logits, target)
   n = jnp.sum(mask).astype(jnp.float32)
   return jnp.sum(ce * mask) / jnp.maximum(n, 1.0), n

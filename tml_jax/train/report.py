@@ -126,8 +126,14 @@ def _background_link_rows(val: dict) -> list[str]:
   said = {"ended": "calls that end (SEP)", "tool": "calls naming the corpus' tool",
           "args": "... with the corpus' args, exactly", "ran": "tool ran without error",
           "answer": "background answer is the corpus' result, exactly"}
-  return [f"| background model, delegations forced on time: {what} | "
+  rows = [f"| background model, delegations forced on time: {what} | "
           f"{val[f'background_link_{k}']:.0f} of {n:.0f} | 0 |" for k, what in said.items()]
+  typed = val.get("background_link_typed_n", 0)
+  if typed:
+    rows += [f"| ... typed questions only: {what} | {val[f'background_link_typed_{k}']:.0f} "
+             f"of {typed:.0f} | 0 |" for k, what in (("tool", said["tool"]),
+                                                     ("args", said["args"]))]
+  return rows
 
 
 def probe_markdown(probes: dict, png: str | None) -> list[str]:
