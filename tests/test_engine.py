@@ -483,3 +483,24 @@ def test_capacity_moe_is_refused_for_streaming():
   model = InteractionModel(ModelConfig.from_config(c), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="dropless"):
     StreamingModel(model, flow_steps=1)
+
+
+def test_a_sample_folders_typed_text_is_fed_as_text_in(tmp_path, rng):
+  """run_file on a sample folder types its annotations' typed_text events into TEXT_IN (a
+  typed delegation's question), nothing else of them; an explicit text_at_s wins."""
+  from types import SimpleNamespace
+  t = [round(float(x), 3) for x in np.sort(rng.uniform(0.0, 5.0, 2))]
+  events = [dict(kind="typed_text", start_s=t[0], end_s=t[0], data=dict(text="what is 3 + 4")),
+            dict(kind="delegation", start_s=t[1], end_s=t[1] + 1,
+                 data=dict(result_text="3 + 4 = 7")),
+            dict(kind="typed_text", start_s=t[1], end_s=t[1], data=dict(text="and 5 + 6?"))]
+  (tmp_path / "annotations.json").write_text(json.dumps(dict(events=events)))
+  io.save_wav(str(tmp_path / "input.wav"), np.zeros(3200, np.float32))
+  seen = []
+  fake = SimpleNamespace(run_wav=lambda wav, out, frames=None, **kw: seen.append(kw) or {})
+  Engine.run_file(fake, str(tmp_path), str(tmp_path / "out"))
+  assert seen[-1]["text_at_s"] == [(t[0], "what is 3 + 4"), (t[1], "and 5 + 6?")]
+  Engine.run_file(fake, str(tmp_path), str(tmp_path / "out"), text_at_s=[(0.0, "hi")])
+  assert seen[-1]["text_at_s"] == [(0.0, "hi")]
+  Engine.run_file(fake, str(tmp_path / "input.wav"), str(tmp_path / "out"))
+  assert "text_at_s" not in seen[-1]  # a bare wav has no annotations

@@ -142,7 +142,7 @@ def test_free_running_delegate_calibration_scores_gate_open_chunks(rng):
     spoke[c + 2], p[c + 2] = True, 0.2  # the model delegates 2 chunks late
     runs.append([SimpleNamespace(spoke=bool(a), p_delegate=float(b)) for a, b in zip(spoke, p)])
   it = iter(runs)
-  engine = SimpleNamespace(run_wav=lambda wav: dict(records=next(it)))
+  engine = SimpleNamespace(run_wav=lambda wav, text_at_s=(): dict(records=next(it)))
   out = probe.calibrate_delegate_free_running(engine, records, chunk_s=chunk_s, max_false=0.0)
   assert out["targets"] == 3 and out["recall"] == 1.0 and out["false_rate"] == 0.0
   assert 0.04 < out["threshold"] <= 0.05 + 1e-9 and out["conversations"] == 3
@@ -171,7 +171,9 @@ def test_background_links_at_forced_delegations(rng):
     records.append(dict(user_wav=np.zeros(60 * 3200, np.int16), events_json=json.dumps(
         [dict(kind="user_turn", start_s=0.1, end_s=1.0, data={}),
          dict(kind="delegation", start_s=start, end_s=start + 2,
-              data=dict(want, typed=bool(typed[i])))])))
+              data=dict(want, typed=bool(typed[i])))]
+        + ([dict(kind="typed_text", start_s=start - 1.0, end_s=start - 1.0,
+                 data=dict(text="what is 17 times 23?", delegation=True))] if typed[i] else []))))
     call, ran, answer, _ = cases[i]
     ev = [dict(kind="delegation", job=0, forced=True, time_s=start)]
     ev += ([dict(kind="tool_call", job=0, tool=call[0], args=call[1])] if call else
@@ -185,8 +187,11 @@ def test_background_links_at_forced_delegations(rng):
   seen = []
   it = iter(runs)
 
-  def run_wav(wav, delegate_at_s=()):
+  fed = []
+
+  def run_wav(wav, delegate_at_s=(), text_at_s=()):
     seen.append(list(delegate_at_s))
+    fed.append(list(text_at_s))
     return dict(events=next(it))
 
   out = probe.background_at_delegations(SimpleNamespace(run_wav=run_wav), records,
@@ -197,6 +202,10 @@ def test_background_links_at_forced_delegations(rng):
   for k, link in enumerate(("ended", "tool", "args", "ran", "answer")):
     assert out[link] == sum(c[3][k] for c in cases), (link, out)
   assert out["typed_n"] == typed.sum()
+  # What the user typed is fed as TEXT_IN (the question a typed delegation reads), and
+  # nothing else of the corpus' text (its background results are the engine's to make).
+  for start, i, texts in zip(starts, order, fed):
+    assert texts == ([(pytest.approx(start - 1.0), "what is 17 times 23?")] if typed[i] else [])
   for k, link in ((1, "tool"), (2, "args")):
     assert out[f"typed_{link}"] == sum(c[3][k] for c, t in zip(cases, typed) if t), out
   assert len(out["calls"]) == 4 and out["calls"][0][0] == "calculator:17 * 23"

@@ -176,6 +176,13 @@ def _mic(record) -> np.ndarray:
   return np.asarray(record["user_wav"], np.float32) / 32768.0
 
 
+def _typed(record) -> list[tuple[float, str]]:
+  """What the user typed in a corpus record, fed to the engine as TEXT_IN as the evaluation
+  feeds a sample's (`serve.inputs.typed_text`)."""
+  from tml_jax.serve.inputs import typed_text
+  return typed_text(json.loads(_text(record["events_json"])))
+
+
 def _delegation_chunk(event: dict, chunk_s: float) -> int:
   """The micro-turn that should emit a corpus delegation: the one before its start."""
   return int(np.floor(float(event["start_s"]) / chunk_s + 1e-9)) - 1
@@ -190,7 +197,7 @@ def free_running(engine, records, *, chunk_s: float, max_s: float | None = None)
     wav = _mic(record)
     if max_s:
       wav = wav[:int(max_s * 16000)]
-    res = engine.run_wav(wav)
+    res = engine.run_wav(wav, text_at_s=_typed(record))
     total = res["num_chunks"]
     F = engine.lay.user_audio
     mel = np.asarray(record["model_mel"], np.float32)[:total * F]
@@ -266,7 +273,7 @@ def calibrate_delegate_free_running(engine, records, *, chunk_s: float,
   """
   rows = []
   for record in records:
-    res = engine.run_wav(_mic(record))
+    res = engine.run_wav(_mic(record), text_at_s=_typed(record))
     recs = res["records"]
     spoke = np.array([r.spoke for r in recs], bool)
     p = np.where(spoke, [r.p_delegate for r in recs], 0.0)
@@ -309,7 +316,7 @@ def background_at_delegations(engine, records, *, chunk_s: float) -> dict:
   for record in records:
     wanted = [e for e in json.loads(_text(record["events_json"])) if e["kind"] == "delegation"]
     at = [max(0, _delegation_chunk(e, chunk_s)) * chunk_s for e in wanted]
-    res = engine.run_wav(_mic(record), delegate_at_s=at)
+    res = engine.run_wav(_mic(record), delegate_at_s=at, text_at_s=_typed(record))
     events = res["events"]
     jobs = [e["job"] for e in events if e["kind"] == "delegation" and e.get("forced")]
     for want, job in zip(wanted, jobs):

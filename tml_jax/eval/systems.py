@@ -61,13 +61,9 @@ class ModelSystem:
 
   def run_sample(self, sample, out_dir: str):
     os.makedirs(out_dir, exist_ok=True)
-    # The folder, not input.wav: the engine also reads a sample's video (video.npy, frames/).
-    kw = {}
-    typed = [(float(e["start_s"]), e["data"]["text"]) for e in sample.events
-             if e.get("kind") == "typed_text"]
-    if typed:  # what the user typed is input too (TEXT_IN), not something to answer blind
-      kw["text_at_s"] = typed
-    self.engine.run_file(sample.folder, out_dir, **kw)
+    # The folder, not input.wav: the engine also reads a sample's video (video.npy, frames/)
+    # and what the user typed (annotations.json), which is input too (TEXT_IN).
+    self.engine.run_file(sample.folder, out_dir)
 
 
 class BaselineSystem:

@@ -25,7 +25,8 @@ from tml_jax import paths
 from tml_jax.audio import dmel, io, vocoder
 from tml_jax.microturn import ChunkLayout
 from tml_jax.serve import outputs
-from tml_jax.serve.inputs import LiveClock, OfflineClock, RecordedInput, WavFile, load_input
+from tml_jax.serve.inputs import (LiveClock, OfflineClock, RecordedInput, WavFile, load_input,
+                                  sample_typed_text)
 from tml_jax.serve.session import ChunkRecord, Session
 from tml_jax.serve.stream import StreamingModel, serving_config
 from tml_jax.serve.worker import ModelGenerator
@@ -184,6 +185,10 @@ class Engine:
     return res
 
   def run_file(self, input_path: str, out_dir: str, **kw) -> dict:
+    """`run_wav` on a wav or a sample folder; a folder's typed text (annotations.json
+    `typed_text` events) goes into TEXT_IN unless `text_at_s` is given."""
+    if "text_at_s" not in kw and os.path.isdir(input_path):
+      kw["text_at_s"] = sample_typed_text(input_path)
     wav_N, frames = load_input(input_path)
     try:
       return self.run_wav(wav_N, out_dir, frames=frames, **kw)

@@ -195,6 +195,25 @@ def open_wav(path: str, sample_rate: int = io.SAMPLE_RATE):
   return wav_N
 
 
+def typed_text(events) -> list[tuple[float, str]]:
+  """(time_s, text) of what the user typed, from a sample's or a corpus record's events (kind
+  `typed_text`): the TEXT_IN a system is given. The corpus' background results and reminder
+  firings are not in it: a system's own worker and tools make those."""
+  return [(float(e["start_s"]), e["data"]["text"]) for e in events
+          if e.get("kind") == "typed_text"]
+
+
+def sample_typed_text(folder: str) -> list[tuple[float, str]]:
+  """`typed_text` of a sample folder's annotations.json (none without one)."""
+  path = os.path.join(folder, "annotations.json")
+  if not os.path.isfile(path):
+    return []
+  import json
+  with open(path) as f:
+    ann = json.load(f)
+  return typed_text(ann.get("events") or []) if isinstance(ann, dict) else []
+
+
 def load_input(path: str) -> tuple[np.ndarray, np.ndarray | None]:
   """A 16 kHz wav, or a Full-Duplex-Bench sample folder (input.wav, optional video.npy
   [T, H, W, 3] or frames/*.png|jpg, one frame per chunk). NaN/Inf or unusable rates fail."""
