@@ -169,7 +169,7 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
       # conversations with a delegation (tml_jax.probe.calibrate_delegate_free_running).
       delegate_max_false=0.002, delegate_calibration_conversations=6,
       loss_weights=mlc.ConfigDict(dict(text=1.0, audio=1.0, balance=0.01, z=1e-3,
-                                       background=1.0, speak=1.0,
+                                       background=1.0, speak=1.0, heard=0.5,
                                        # mean CE over the DELEGATE targets of a batch
                                        # (tml_jax.train.losses.text_terms): each counts
                                        # ~120x a text target instead of 1x (0.05, ~30x:
@@ -195,6 +195,11 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
       # The conversation before the window, as one pooled vector per chunk (tml_jax.model.
       # background.pool_history): 1500 chunks = 5 minutes, 1.2 MB per conversation for tiny.
       history_chunks=1500,
+      # Training only: a free background slot of every row holds the words the user said in
+      # its last chunk's window, prompted with HEARD (tml_jax.data.background_targets.
+      # heard_sequence; loss term `heard`). A few dozen delegations per run cannot teach
+      # the background model to read what was asked, nor the interaction model to keep it.
+      heard_targets=True,
       # Serving: outstanding delegations at most (each holds a device copy of the context).
       max_pending=3,
   ))

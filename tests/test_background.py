@@ -141,6 +141,72 @@ def test_pipeline_background_fields_follow_the_delegate_token():
   assert tok.ByteTokenizer().decode(crop["bg_target"][0]).startswith("calculator:2 + 2")
 
 
+def test_heard_targets_are_the_users_words_in_the_last_chunks_window(rng):
+  """With bg_heard, the first free slot of a row holds the user's words that start inside
+  the window of the row's last chunk and end by it, prompted with HEARD (input only);
+  delegations keep their slots; a row with no such words, or no free slot, has none."""
+  from tml_jax.data.background_targets import heard_sequence
+  W, C = 4, 10
+  lay = ChunkLayout(user_audio=8, self_audio=8, video=0, text_in=4, model_text=8,
+                    model_audio=4, window=W)
+  ex = MicroTurnExample(lay, C, bg_delegations=2, bg_len=64, bg_heard=True)
+  start = int(rng.integers(0, 20))
+  last = start + C - 1
+  heard = [(last - W, last - W, "early"), (last - W + 1, last - W + 2, "what"),
+           (last - 1, last - 1, "is"), (last, last, "up"), (last, last + 1, "late"),
+           (last - 20, last - 19, "old")]
+  order = rng.permutation(len(heard))
+  crop = ex._crop_background([], start, C, [heard[i] for i in order])
+  dec = tok.ByteTokenizer().decode
+  i = 0
+  assert crop["bg_kind"].tolist() == [1, 0] and crop["bg_chunk"].tolist() == [C - 1, -1]
+  words = dec(crop["bg_target"][i][crop["bg_mask"][i]].tolist())
+  assert sorted(words.split()) == sorted(["what", "is", "up"]), words
+  assert crop["bg_target"][i][0] == tok.HEARD and not crop["bg_mask"][i][0]
+  assert crop["bg_in"][i][0] == tok.BOS and crop["bg_in"][i][1] == tok.HEARD
+  # A delegation in the row keeps slot 0; the heard target takes the next.
+  item = (start + 3, *target_sequence("knowledge", "q", "Lima", 64))
+  both = ex._crop_background([item], start, C, heard)
+  assert both["bg_kind"].tolist() == [0, 1] and both["bg_chunk"].tolist() == [3, C - 1]
+  full = ex._crop_background([item, (start + 5, *item[1:])], start, C, heard)
+  assert full["bg_kind"].tolist() == [0, 0]
+  none = ex._crop_background([], start, C, [(last - 20, last - 19, "old")])
+  assert none["bg_chunk"].tolist() == [-1, -1]
+  # Too long for the sequence: the last words are kept, whole.
+  inp, tgt, mask = heard_sequence("alpha beta gamma delta", 14)
+  assert dec(tgt[mask].tolist()) == "gamma delta" and tgt[mask][-1] == tok.EOT
+
+
+def test_heard_and_delegation_losses_are_separate_terms(rng):
+  """One decoder pass, two terms: `background` over the delegations' slots, `heard` over
+  the heard slots, each a mean over its own target tokens."""
+  from tml_jax.data.background_targets import heard_sequence
+  from tml_jax.train.losses import losses_from_output
+  config = get_config("tiny,smoke")
+  config.model.update(dict(num_layers=1, ffn="dense", dense_hidden=64))
+  config.layout.video_slots = 0
+  cfg = ModelConfig.from_config(config)
+  model = InteractionModel(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  b = _bg_batch(cfg.layout, rng, T=config.background.max_len)
+  T = config.background.max_len
+  h = heard_sequence("can you make a chart of four and five", T)
+  b["bg_in"][1, 1], b["bg_target"][1, 1], b["bg_mask"][1, 1] = h
+  b["bg_chunk"][1, 1] = 3
+  b["bg_kind"] = np.array([[0, 0], [0, 1]], np.int32)
+  out = model(b)
+  _, m = losses_from_output(model, out, b, jax.random.key(0), WEIGHTS, other_conversation=True)
+  assert float(m["heard_tokens"]) == h[2].sum()
+  assert float(m["background_tokens"]) == (b["bg_mask"] & (b["bg_chunk"] >= 0)[..., None]
+                                           ).sum() - h[2].sum()
+  # The delegations' term equals the batch without the heard slot.
+  alone = dict(b, bg_chunk=b["bg_chunk"].copy())
+  alone["bg_chunk"][1, 1] = -1
+  _, m0 = losses_from_output(model, out, alone, jax.random.key(0), WEIGHTS)
+  np.testing.assert_allclose(float(m["background"]), float(m0["background"]), rtol=1e-5)
+  assert float(m0["heard"]) == 0.0 and float(m["heard"]) > 0
+  assert "heard_other" in m and abs(float(m["heard_other"]) - float(m["heard"])) > 1e-5
+
+
 def test_worker_solve_with_tool_and_timeout():
   enc = tok.ByteTokenizer().encode
   seen = []

@@ -22,7 +22,7 @@ import grain
 import numpy as np
 
 from tml_jax.data import speak_labels
-from tml_jax.data.background_targets import target_sequence
+from tml_jax.data.background_targets import heard_sequence, target_sequence
 from tml_jax.microturn import ChunkLayout, Segment, TextFifo, TokenMeta
 from tml_jax.text import tokenizer as tok
 from tml_jax.vision import patches as patch_lib
@@ -45,10 +45,12 @@ class MicroTurnExample(grain.transforms.RandomMap):
   def __init__(self, layout: ChunkLayout, num_chunks: int, *, chunk_ms: int = 200,
                video_size=(80, 80), patch: int = 40, random_crop: bool = True,
                bg_delegations: int = 0, bg_len: int = 96, reply_window_targets: bool = False,
-               reminder_crop_share: float = 0.0, delegation_crop_share: float = 0.0):
+               reminder_crop_share: float = 0.0, delegation_crop_share: float = 0.0,
+               bg_heard: bool = False):
     self.layout, self.num_chunks, self.chunk_s = layout, num_chunks, chunk_ms / 1000
-    # Background-model targets (tml_jax.data.background_targets): up to `bg_delegations` per crop.
-    self.bg_delegations, self.bg_len = bg_delegations, bg_len
+    # Background-model targets (tml_jax.data.background_targets): up to `bg_delegations` per
+    # crop; with bg_heard, a free slot of every crop holds a "heard" target (`_heard`).
+    self.bg_delegations, self.bg_len, self.bg_heard = bg_delegations, bg_len, bool(bg_heard)
     # Speak-gate targets: also "speak" from 0.2 s after a user's turn to the reply's start.
     self.reply_window_targets = reply_window_targets
     # A fired reminder lies seconds after its request, rarely in the same random row: this
@@ -103,6 +105,11 @@ class MicroTurnExample(grain.transforms.RandomMap):
         [np.full((total, 1), tok.BOS, np.int32), target[:, :-1]], axis=1)
     if self.bg_delegations:
       out["_bg"] = self._background(annotated, target)
+      if self.bg_heard:
+        out["_heard"] = [(chunk_of(float(a)), chunk_of(float(b)), _text(w))
+                         for w, a, b, who in zip(record["word_text"], record["word_start_s"],
+                                                 record["word_end_s"], record["word_speaker"])
+                         if _text(who) == "user"]
 
     arriving = [[] for _ in range(total)]
     for t, text in zip(record["text_in_s"], record["text_in_text"]):
@@ -160,14 +167,27 @@ class MicroTurnExample(grain.transforms.RandomMap):
                                       d.get("args"))))
     return out
 
-  def _crop_background(self, items, start: int, n: int) -> dict:
+  def _crop_background(self, items, start: int, n: int, heard=None) -> dict:
+    """The row's background slots: its delegations (bg_kind 0), then, in the first free
+    slot, the words the user said in the window of the row's last chunk (bg_kind 1, when
+    `heard` holds (start chunk, end chunk, word) of the conversation's user words)."""
     N, T = self.bg_delegations, self.bg_len
     ex = dict(bg_chunk=np.full((N,), -1, np.int32), bg_in=np.full((N, T), tok.PAD, np.int32),
-              bg_target=np.full((N, T), tok.PAD, np.int32), bg_mask=np.zeros((N, T), bool))
+              bg_target=np.full((N, T), tok.PAD, np.int32), bg_mask=np.zeros((N, T), bool),
+              bg_kind=np.zeros((N,), np.int32))
     inside = [it for it in items if start <= it[0] < start + n][:N]
     for i, (c, inp, tgt, mask) in enumerate(inside):
       ex["bg_chunk"][i], ex["bg_in"][i], ex["bg_target"][i], ex["bg_mask"][i] = (
           c - start, inp, tgt, mask)
+    if heard is not None and len(inside) < N:
+      c = start + n - 1
+      w = self.layout.window or self.num_chunks
+      words = [word for a, b, word in heard if max(start, c - w + 1) <= a and b <= c]
+      if words:
+        i = len(inside)
+        ex["bg_in"][i], ex["bg_target"][i], ex["bg_mask"][i] = heard_sequence(
+            " ".join(words), T)
+        ex["bg_chunk"][i], ex["bg_kind"][i] = c - start, 1
     return ex
 
   # Where a crop places each kind of anchor: (chunks before it, chunks from it to the end).
@@ -218,11 +238,11 @@ class MicroTurnExample(grain.transforms.RandomMap):
 
   def random_map(self, record, rng: np.random.Generator) -> dict:
     s = self.streams(record)
-    bg = s.pop("_bg", None)
+    bg, heard = s.pop("_bg", None), s.pop("_heard", None)
     total, C, lay = len(s["text_in"]), self.num_chunks, self.layout
     start = self.crop_start(total, s.pop("_anchors"), rng)
     n = min(C, total - start)
-    ex = {} if bg is None else self._crop_background(bg, start, n)
+    ex = {} if bg is None else self._crop_background(bg, start, n, heard)
     for k, v in s.items():
       part = v[start:start + n]
       pad = np.zeros((C - n, *part.shape[1:]), part.dtype)
@@ -273,7 +293,9 @@ def make_loader(source, config, *, split: str, seed: int, batch_size: int | None
                           reminder_crop_share=float(
                               config.train.get("reminder_crop_share", 0.0)),
                           delegation_crop_share=float(
-                              config.train.get("delegation_crop_share", 0.0))),
+                              config.train.get("delegation_crop_share", 0.0)),
+                          bg_heard=bool(config.get("background", {}).get("heard_targets",
+                                                                         False))),
          grain.transforms.Batch(batch_size // jax.process_count(), drop_remainder=True)]
   return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
                           worker_count=worker_count)

@@ -15,11 +15,12 @@ DELEGATE = 259   # the interaction model hands the current request to the backgr
 TOOL = 260       # background model: a tool call follows
 RESULT = 261     # background model: a tool result / answer follows
 SEP = 262        # separates fields inside one text stream
+HEARD = 263      # background model, training only: write what the user said in the window
 NUM_SPECIAL = 16  # room for more control tokens without changing the vocabulary size
 VOCAB_SIZE = 256 + NUM_SPECIAL
 
 _NAMES = {PAD: "<pad>", EOT: "<eot>", BOS: "<bos>", DELEGATE: "<delegate>", TOOL: "<tool>",
-          RESULT: "<result>", SEP: "<sep>"}
+          RESULT: "<result>", SEP: "<sep>", HEARD: "<heard>"}
 
 
 class ByteTokenizer:

@@ -6,6 +6,9 @@
   z           router z-loss (ST-MoE), averaged likewise
   background  the background model's teacher-forced text loss on the delegations of the
               row (0 when the model or the batch has none)
+  heard       the same on its "heard" targets (background.heard_targets): the words the
+              user said in the window of the row's last chunk (data.background_targets.
+              heard_sequence)
   speak       binary cross-entropy of the speak gate (does the model's audio in chunk t+1
               hold speech?) on valid chunks (0 when the model has no gate)
 The total is the `train.loss_weights`-weighted sum of these (a missing weight is 0).
@@ -25,11 +28,12 @@ from tml_jax.model.background import pool_history, read_context
 from tml_jax.model.flow import denormalize_mel, normalize_mel
 from tml_jax.text import tokenizer as tok
 
-TERMS = ("text", "audio", "balance", "z", "background", "speak", "delegate")
+TERMS = ("text", "audio", "balance", "z", "background", "heard", "speak", "delegate")
 # Metrics that are means over a batch's few targets of one kind: averaged over batches, each
 # batch counts by its number of those targets (tml_jax.train.loop.evaluate).
 PER_TARGET = {"delegate": "delegate_targets", "delegate_acc": "delegate_targets",
-              "background": "background_tokens", "background_other": "background_tokens"}
+              "background": "background_tokens", "background_other": "background_tokens",
+              "heard": "heard_tokens", "heard_other": "heard_tokens"}
 
 
 def cross_entropy(logits_NV, labels_N):
@@ -131,32 +135,44 @@ def speak_terms(speak_logits_BC, batch, transition_weight: float = 1.0,
               speak_onset_acc=jnp.sum(correct * onset) / jnp.maximum(jnp.sum(onset), 1.0))
 
 
-def background_loss(bg, hidden_BLD, meta: TokenMeta, batch, window, num_chunks: int):
+def background_terms(bg, hidden_BLD, meta: TokenMeta, batch, window, num_chunks: int) -> dict:
   """Teacher-forced cross-entropy of the background targets over the context each
   delegating chunk could see (with history_chunks > 0, the row's pooled history of the
-  chunks before its window too); (loss, number of target tokens), 0 when the batch has none."""
+  chunks before its window too), one decoder pass for every slot: {"background": (loss,
+  target tokens) of the delegations, "heard": the same of the heard targets (bg_kind 1)},
+  each 0 when the batch has none."""
   tokens, target = jnp.asarray(batch["bg_in"]), jnp.asarray(batch["bg_target"])
   mask = jnp.asarray(batch["bg_mask"]) & (jnp.asarray(batch["bg_chunk"]) >= 0)[..., None]
+  kind = jnp.asarray(batch["bg_kind"]) if "bg_kind" in batch else jnp.zeros(
+      batch["bg_chunk"].shape, jnp.int32)
   hist, hist_chunk = (pool_history(hidden_BLD, meta, num_chunks)
                       if bg.cfg.history_chunks > 0 else (None, None))
   ctx, ctx_mask, pos = read_context(bg.cfg, hidden_BLD, meta, jnp.asarray(batch["bg_chunk"]),
                                     window, hist, hist_chunk)
-  logits = bg(tokens, ctx, ctx_mask, pos)
-  ce = cross_entropy(logits, target)
-  n = jnp.sum(mask).astype(jnp.float32)
-  return jnp.sum(ce * mask) / jnp.maximum(n, 1.0), n
+  ce = cross_entropy(bg(tokens, ctx, ctx_mask, pos), target)
+  out = {}
+  for name, k in (("background", 0), ("heard", 1)):
+    m = mask & (kind == k)[..., None]
+    n = jnp.sum(m).astype(jnp.float32)
+    out[name] = (jnp.sum(ce * m) / jnp.maximum(n, 1.0), n)
+  return out
+
+
+def background_loss(bg, hidden_BLD, meta: TokenMeta, batch, window, num_chunks: int):
+  """(loss, number of target tokens) of the delegations alone (`background_terms`)."""
+  return background_terms(bg, hidden_BLD, meta, batch, window, num_chunks)["background"]
 
 
 def background_other_conversation(bg, hidden_BLD, meta: TokenMeta, batch, window,
-                                  num_chunks: int):
-  """`background_loss` with each row's delegations reading the next row's conversation (its
+                                  num_chunks: int) -> dict:
+  """`background_terms` with each row's delegations reading the next row's conversation (its
   hidden states, token metadata and history: the batch rolled by one), the targets kept.
   Against `background_loss` it says how much the background model's calls and answers
   depend on what it reads: equal losses mean it writes the same call whatever was asked.
   (Two rows of a batch can be crops of one conversation: the gap is a lower bound.)"""
   roll = lambda x: jnp.roll(x, 1, axis=0)
-  return background_loss(bg, roll(hidden_BLD), TokenMeta(*(roll(f) for f in meta)), batch,
-                         window, num_chunks)
+  return background_terms(bg, roll(hidden_BLD), TokenMeta(*(roll(f) for f in meta)), batch,
+                          window, num_chunks)
 
 
 def losses_from_output(model, out, batch, rng, weights, *,
@@ -171,13 +187,19 @@ def losses_from_output(model, out, batch, rng, weights, *,
   # MoE aux losses are computed inside the routers (they need the router probabilities).
   metrics["balance"] = out.aux.get("balance", jnp.zeros(()))
   metrics["z"] = out.aux.get("z", jnp.zeros(()))
-  metrics["background"] = jnp.zeros(())
+  metrics["background"] = metrics["heard"] = jnp.zeros(())
   if getattr(model, "background", None) is not None and "bg_chunk" in batch:
     args = (model.background, out.hidden, TokenMeta(*(jnp.asarray(f) for f in batch["meta"])),
             batch, model.cfg.window, chunk_valid_BC.shape[1])
-    metrics["background"], metrics["background_tokens"] = background_loss(*args)
+    terms = background_terms(*args)
+    metrics["background"], metrics["background_tokens"] = terms["background"]
+    if "bg_kind" in batch:
+      metrics["heard"], metrics["heard_tokens"] = terms["heard"]
     if other_conversation and out.hidden.shape[0] > 1:
-      metrics["background_other"], _ = background_other_conversation(*args)
+      other = background_other_conversation(*args)
+      metrics["background_other"] = other["background"][0]
+      if "bg_kind" in batch:
+        metrics["heard_other"] = other["heard"][0]
   metrics["speak"] = jnp.zeros(())
   if out.speak_logits is not None and "speak_target" in batch:
     metrics.update(speak_terms(out.speak_logits, batch,

@@ -33,7 +33,9 @@ def plot_curves(rows: list[dict], path: str) -> str:
             # The gap between the two validation curves: how much the background model's
             # calls depend on the conversation it reads (report.markdown).
             ("background cross-entropy (nats/token)",
-             {"background": "", "background_other": ", another conversation"})]
+             {"background": "", "background_other": ", another conversation"}),
+            ("heard cross-entropy (nats/byte)",
+             {"heard": "", "heard_other": ", another conversation"})]
   fig = Figure(figsize=(4 * len(panels), 3.2), dpi=110)
   axes = fig.subplots(1, len(panels))
   for ax, (title, keys) in zip(axes, panels):
@@ -80,12 +82,16 @@ def markdown(variant: str, step: int, val: dict, base: dict, first: dict,
 def _background_rows(val: dict) -> list[str]:
   """The background model's teacher-forced loss on the conversation it was asked in, against
   the same targets read from another row's conversation (tml_jax.train.losses.
-  background_other_conversation): no gap, no use of what was asked."""
-  if "background_other" not in val:
-    return []
-  return [f"| background cross-entropy (nats/token), its own conversation | "
-          f"{val['background']:.3f} | {val['background_other']:.3f} (another row's "
-          f"conversation; gap {val['background_other'] - val['background']:+.3f}) |"]
+  background_other_conversation): no gap, no use of what was asked. The heard targets
+  likewise: no gap, the user's words are not in the hidden states the background reads."""
+  rows = []
+  for key, what in (("background", "background cross-entropy (nats/token)"),
+                    ("heard", "heard: the user's words, cross-entropy (nats/byte)")):
+    if f"{key}_other" in val:
+      rows.append(f"| {what}, its own conversation | {val[key]:.3f} | "
+                  f"{val[key + '_other']:.3f} (another row's conversation; gap "
+                  f"{val[key + '_other'] - val[key]:+.3f}) |")
+  return rows
 
 
 def _delegate_rows(val: dict) -> list[str]:
