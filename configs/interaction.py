@@ -197,9 +197,12 @@ def get_config(arg: str = "tiny") -> mlc.ConfigDict:
       history_chunks=1500,
       # Training only: a free background slot of every row holds the words the user said in
       # its last chunk's window, prompted with HEARD (tml_jax.data.background_targets.
-      # heard_sequence; loss term `heard`). A few dozen delegations per run cannot teach
-      # the background model to read what was asked, nor the interaction model to keep it.
-      heard_targets=True,
+      # heard_sequence; loss term `heard`, train.loss_weights.heard). A few dozen
+      # delegations per run cannot teach the background model to read what was asked, nor
+      # the interaction model to keep it. Off: in the main job's 20 minutes (tiny, 2 CPU
+      # cores) heard vs heard_other showed no gap at any step and the text loss rose
+      # (benchmarks/RESULTS.md, 2026-12-04 twelfth session); for longer runs.
+      heard_targets=False,
       # Serving: outstanding delegations at most (each holds a device copy of the context).
       max_pending=3,
   ))

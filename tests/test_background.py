@@ -396,3 +396,18 @@ def test_context_entries_are_placed_by_their_position_embeddings(rng):
   shuffled[seen] = seen[rng.permutation(len(seen))]
   out = bg(tokens, ctx[:, jnp.asarray(shuffled)], mask, pos)
   assert float(jnp.max(jnp.abs(out[0, 0] - ref[0, 0]))) > 1e-3
+
+
+def test_report_rows_show_the_terms_a_run_has_targets_for(rng):
+  """The training report's own-vs-other-conversation rows: the delegations' and, when the
+  run has heard targets, theirs, each with the gap; none for a term without targets."""
+  from tml_jax.train.report import _background_rows
+  own, gap = float(rng.uniform(1, 3)), round(float(rng.uniform(-0.1, 0.3)), 3)
+  val = dict(background=own, background_other=own + gap, background_tokens=57.5,
+             heard=0.0, heard_other=0.0, heard_tokens=0.0)
+  (row,) = _background_rows(val)
+  assert f"gap {gap:+.3f}" in row and row.startswith("| background cross-entropy")
+  val.update(heard=own, heard_other=own + 2 * gap, heard_tokens=157.0)
+  rows = _background_rows(val)
+  assert len(rows) == 2 and "user's words" in rows[1] and f"gap {2 * gap:+.3f}" in rows[1]
+  assert _background_rows(dict(val, background_tokens=0.0, heard_tokens=0.0)) == []

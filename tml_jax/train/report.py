@@ -33,9 +33,10 @@ def plot_curves(rows: list[dict], path: str) -> str:
             # The gap between the two validation curves: how much the background model's
             # calls depend on the conversation it reads (report.markdown).
             ("background cross-entropy (nats/token)",
-             {"background": "", "background_other": ", another conversation"}),
-            ("heard cross-entropy (nats/byte)",
-             {"heard": "", "heard_other": ", another conversation"})]
+             {"background": "", "background_other": ", another conversation"})]
+  if any(r.get("heard_tokens") for r in rows):  # background.heard_targets
+    panels.append(("heard cross-entropy (nats/byte)",
+                   {"heard": "", "heard_other": ", another conversation"}))
   fig = Figure(figsize=(4 * len(panels), 3.2), dpi=110)
   axes = fig.subplots(1, len(panels))
   for ax, (title, keys) in zip(axes, panels):
@@ -87,7 +88,7 @@ def _background_rows(val: dict) -> list[str]:
   rows = []
   for key, what in (("background", "background cross-entropy (nats/token)"),
                     ("heard", "heard: the user's words, cross-entropy (nats/byte)")):
-    if f"{key}_other" in val:
+    if f"{key}_other" in val and val.get(f"{key}_tokens", 1):
       rows.append(f"| {what}, its own conversation | {val[key]:.3f} | "
                   f"{val[key + '_other']:.3f} (another row's conversation; gap "
                   f"{val[key + '_other'] - val[key]:+.3f}) |")
