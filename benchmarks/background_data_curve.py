@@ -50,15 +50,10 @@ def examples(config, split: str, num: int, seed: int, log=print) -> list[dict]:
   `_typed` (the question was typed) and `_call` (the corpus' name:args) attached."""
   from tml_jax.data import scenarios
   from tml_jax.data.conversation import featurise
-  from tml_jax.data.pipeline import MicroTurnExample, _bg_delegations
-  from tml_jax.microturn import ChunkLayout
-  lay = config.layout
-  crop = MicroTurnExample(ChunkLayout.from_config(lay), lay.num_chunks, chunk_ms=lay.chunk_ms,
-                          video_size=lay.video_size, patch=config.model.patch_size,
-                          bg_delegations=_bg_delegations(config),
-                          bg_len=config.background.max_len,
-                          reply_window_targets=bool(config.train.get("speak_reply_window")),
-                          delegation_crop_share=1.0)
+  from tml_jax.data.pipeline import micro_turn_example
+  # Every crop at a delegation (none at a reminder), delegation slots only.
+  crop = micro_turn_example(config, delegation_crop_share=1.0, reminder_crop_share=0.0,
+                            bg_heard=False)
   out, t0, i = [], time.perf_counter(), 0
   while len(out) < num:
     conv = scenarios.generate(split, i, seed=int(config.data.seed),

@@ -267,6 +267,21 @@ def _bg_delegations(config) -> int:
   return int(b.max_delegations) if b is not None and b.get("enabled", False) else 0
 
 
+def micro_turn_example(config, *, random_crop: bool = True, **overrides) -> MicroTurnExample:
+  """The trainer's `MicroTurnExample` for `config`; `overrides` replace its keyword
+  arguments (e.g. delegation_crop_share=1.0 to crop every row at a delegation)."""
+  lay = config.layout
+  kw = dict(chunk_ms=lay.chunk_ms, video_size=lay.video_size, patch=config.model.patch_size,
+            random_crop=random_crop, bg_delegations=_bg_delegations(config),
+            bg_len=config.get("background", {}).get("max_len", 96),
+            reply_window_targets=bool(config.train.get("speak_reply_window", False)),
+            reminder_crop_share=float(config.train.get("reminder_crop_share", 0.0)),
+            delegation_crop_share=float(config.train.get("delegation_crop_share", 0.0)),
+            bg_heard=bool(config.get("background", {}).get("heard_targets", False)))
+  kw.update(overrides)
+  return MicroTurnExample(ChunkLayout.from_config(lay), lay.num_chunks, **kw)
+
+
 def make_loader(source, config, *, split: str, seed: int, batch_size: int | None = None,
                 num_epochs: int | None = None, shuffle: bool = True, random_crop: bool = True,
                 worker_count: int = 0) -> grain.DataLoader:
@@ -279,23 +294,10 @@ def make_loader(source, config, *, split: str, seed: int, batch_size: int | None
   if batch_size % jax.process_count():
     raise ValueError(f"config.train.batch_size={batch_size} is not divisible by the "
                      f"{jax.process_count()} processes; use a multiple")
-  layout = ChunkLayout.from_config(config.layout)
   sampler = grain.samplers.IndexSampler(
       num_records=len(source), shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
       shuffle=shuffle, num_epochs=num_epochs, seed=seed)
-  ops = [MicroTurnExample(layout, config.layout.num_chunks, chunk_ms=config.layout.chunk_ms,
-                          video_size=config.layout.video_size, patch=config.model.patch_size,
-                          random_crop=random_crop,
-                          bg_delegations=_bg_delegations(config),
-                          bg_len=config.get("background", {}).get("max_len", 96),
-                          reply_window_targets=bool(
-                              config.train.get("speak_reply_window", False)),
-                          reminder_crop_share=float(
-                              config.train.get("reminder_crop_share", 0.0)),
-                          delegation_crop_share=float(
-                              config.train.get("delegation_crop_share", 0.0)),
-                          bg_heard=bool(config.get("background", {}).get("heard_targets",
-                                                                         False))),
+  ops = [micro_turn_example(config, random_crop=random_crop),
          grain.transforms.Batch(batch_size // jax.process_count(), drop_remainder=True)]
   return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
                           worker_count=worker_count)
